@@ -1,0 +1,904 @@
+/*-------------------------------------------------------------------------
+ *
+ * walredod_redo.c
+ *		WAL redo child for walredod, running inside an unpatched PostgreSQL 15
+ *		single-user backend.
+ *
+ * The module is loaded through session_preload_libraries.  In a single-user
+ * backend that happens at the end of InitPostgres, when the backend is fully
+ * initialised but nothing has read stdin yet.  With walredod.serve = on, the
+ * module's _PG_init never returns: it takes over stdin/stdout and serves the
+ * wal-redo pipe protocol (the one Neon's "postgres --wal-redo" speaks):
+ *
+ *		'B' begin redo of a block		tag
+ *		'P' push the block's base page	tag + BLCKSZ bytes
+ *		'A' apply a record				end LSN (u64) + whole XLogRecord
+ *		'G' get the page				tag; reply: BLCKSZ bytes
+ *		'H' ping						reply: BLCKSZ zero bytes
+ *
+ * Every message is a tag byte and a big-endian u32 length counting itself and
+ * the body.  A block tag is forknum (u8), spcnode, dbnode, relnode, blkno
+ * (u32 each), big-endian.  EOF on stdin ends the process.  Errors are written
+ * to stderr and end the process: the parent sees EOF on our stdout.
+ *
+ * Stock PostgreSQL has no hook to make redo change only one block, so every
+ * block reference of a record is remapped before rm_redo: the target block to
+ * a scratch relation, every other block id i to a dummy relation D_i (fork and
+ * block number kept, since redo code uses block numbers semantically).  Dummy
+ * blocks that redo would read are pre-loaded as initialised pages with the
+ * highest LSN, so redo sees a valid buffer that is "already applied" and
+ * changes nothing.  No page is ever written to disk: dirty buffers of these
+ * relations are dropped, never flushed.
+ *
+ * Copyright (c) 2026, the walredod developers.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <signal.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "access/xlog.h"
+#include "access/xlog_internal.h"
+#include "access/xlogreader.h"
+#include "access/xlogrecord.h"
+#include "access/xlogrecovery.h"
+#include "access/xlogutils.h"
+#include "access/heapam_xlog.h"
+#include "catalog/pg_tablespace_d.h"
+#include "common/relpath.h"
+#include "executor/instrument.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "port/pg_crc32c.h"
+#include "storage/bufmgr.h"
+#include "storage/buf_internals.h"
+#include "storage/copydir.h"
+#include "storage/fd.h"
+#include "storage/ipc.h"
+#include "storage/smgr.h"
+#include "storage/standby.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+/* Size of a block tag on the wire: forknum u8 + four u32. */
+#define WIRE_TAG_LEN	17
+/* Largest message we accept: no WAL record reaches 1GB. */
+#define MAX_MESSAGE_LEN ((uint32) MaxAllocSize)
+
+/*
+ * The relations redo is pointed at.  They live in a database OID no catalog
+ * knows about, in the default tablespace of the scratch cluster.
+ */
+#define SCRATCH_DB_OID		4000000000U
+#define SCRATCH_REL_OID		1
+#define DUMMY_REL_OID_BASE	1000
+#define NUM_DUMMY_RELS		(XLR_MAX_BLOCK_ID + 1)
+
+/* Heap blocks covered by one visibility map page (see visibilitymap.c). */
+#define VM_HEAPBLOCKS_PER_PAGE \
+	((BLCKSZ - MAXALIGN(SizeOfPageHeaderData)) * (BITS_PER_BYTE / 2))
+
+/* GUC: serve the protocol on stdin/stdout; keeps the module inert elsewhere. */
+static bool walredod_serve = false;
+
+/* The block the current request rebuilds. */
+typedef struct RedoTarget
+{
+	bool		active;			/* between 'B' and 'G' */
+	RelFileNode client_rnode;	/* as the client named it */
+	ForkNumber	client_fork;
+	BlockNumber blkno;
+	ForkNumber	fork;			/* fork inside the scratch relation */
+	Buffer		buffer;			/* where it sat last: a lookup hint */
+} RedoTarget;
+
+static RedoTarget target;
+
+static RelFileNode scratch_rnode;
+static RelFileNode dummy_rnodes[NUM_DUMMY_RELS];
+
+static XLogReaderState *reader;
+static DecodedXLogRecord *decoded;
+static size_t decoded_size;
+
+static MemoryContext redo_context;
+
+/* Our own stdin buffer and the descriptor replies go to. */
+static int	reply_fd = -1;
+static char *inbuf;
+static size_t inbuf_size;
+static size_t inbuf_start;		/* first unconsumed byte */
+static size_t inbuf_end;		/* one past the last byte read */
+
+/* True while dirty buffers of ours exist: dying then must skip shutdown. */
+static bool request_in_progress = false;
+
+/* Counters reported at exit, for benchmarks: time spent serving requests. */
+static uint64 stat_requests;
+static uint64 stat_records;
+static uint64 stat_busy_ns;
+static uint64 request_started_ns;
+
+static int64 blocks_written_at_start;
+
+static void serve(void) pg_attribute_noreturn();
+
+
+static inline uint64
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline uint32
+get_u32(const char *p)
+{
+	const unsigned char *u = (const unsigned char *) p;
+
+	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) |
+		((uint32) u[2] << 8) | (uint32) u[3];
+}
+
+static inline uint64
+get_u64(const char *p)
+{
+	return ((uint64) get_u32(p) << 32) | get_u32(p + 4);
+}
+
+/*
+ * Open a relation of ours at smgr level.  Its cached size is set to the
+ * largest block number, which (with InRecovery set) makes redo believe every
+ * block exists: no redo path then extends, and so writes, a file.
+ */
+static SMgrRelation
+open_scratch_rel(RelFileNode rnode)
+{
+	SMgrRelation reln = smgropen(rnode, InvalidBackendId);
+
+	for (int fork = 0; fork <= MAX_FORKNUM; fork++)
+		reln->smgr_cached_nblocks[fork] = MaxBlockNumber;
+	return reln;
+}
+
+/*
+ * Remove what earlier children left in the scratch database (a killed child
+ * may leave 1GB segment files after touching high block numbers) and create
+ * every fork's file, so reads that bypass the buffer-read helpers of redo
+ * (visibility map pins) find a file to read zeros from.
+ */
+static void
+prepare_scratch_relations(void)
+{
+	char	   *dbpath = GetDatabasePath(SCRATCH_DB_OID, DEFAULTTABLESPACE_OID);
+
+	if (access(dbpath, F_OK) == 0)
+		rmtree(dbpath, true);
+	if (MakePGDirectory(dbpath) < 0 && errno != EEXIST)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("walredod: could not create directory \"%s\": %m", dbpath)));
+
+	scratch_rnode.spcNode = DEFAULTTABLESPACE_OID;
+	scratch_rnode.dbNode = SCRATCH_DB_OID;
+	scratch_rnode.relNode = SCRATCH_REL_OID;
+	for (int i = 0; i < NUM_DUMMY_RELS; i++)
+	{
+		dummy_rnodes[i] = scratch_rnode;
+		dummy_rnodes[i].relNode = DUMMY_REL_OID_BASE + i;
+	}
+
+	for (int i = -1; i < NUM_DUMMY_RELS; i++)
+	{
+		SMgrRelation reln = open_scratch_rel(i < 0 ? scratch_rnode : dummy_rnodes[i]);
+
+		for (int fork = 0; fork <= MAX_FORKNUM; fork++)
+			smgrcreate(reln, fork, true);
+	}
+}
+
+/*
+ * Drop every buffer of the given relations without writing it.  The page
+ * LSNs come from the client's WAL, far beyond the scratch cluster's own, so a
+ * flush would fail (or succeed and leave a stale page on disk).
+ */
+static void
+drop_relations(RelFileNode *rnodes, int n)
+{
+	SMgrRelation rels[NUM_DUMMY_RELS + 1];
+
+	Assert(n <= NUM_DUMMY_RELS + 1);
+	for (int i = 0; i < n; i++)
+		rels[i] = open_scratch_rel(rnodes[i]);
+	DropRelFileNodesAllBuffers(rels, n);
+}
+
+/* Drop the scratch relation's buffers of one fork. */
+static void
+drop_scratch_fork(ForkNumber fork)
+{
+	SMgrRelation reln = open_scratch_rel(scratch_rnode);
+	BlockNumber first = 0;
+
+	DropRelFileNodeBuffers(reln, &fork, 1, &first);
+}
+
+/*
+ * Forget "invalid page" entries redo logged for our relations (it logs one
+ * whenever it skips a block that does not exist yet); left alone they would
+ * accumulate without bound.
+ */
+static void
+forget_invalid_pages(void)
+{
+	if (!XLogHaveInvalidPages())
+		return;
+	for (int fork = 0; fork <= MAX_FORKNUM; fork++)
+	{
+		XLogDropRelation(scratch_rnode, fork);
+		for (int i = 0; i < NUM_DUMMY_RELS; i++)
+			XLogDropRelation(dummy_rnodes[i], fork);
+	}
+}
+
+/* End the current request: nothing of it may outlive it. */
+static void
+finish_request(void)
+{
+	drop_relations(&scratch_rnode, 1);
+	forget_invalid_pages();
+	target.active = false;
+	request_in_progress = false;
+
+	if (pgBufferUsage.shared_blks_written != blocks_written_at_start)
+		ereport(ERROR,
+				(errmsg("walredod: a buffer was written to disk during redo; refusing to continue")));
+}
+
+/*
+ * Load a block of ours into shared buffers as an initialised page whose LSN
+ * is the highest possible.  Redo then gets a valid, pinnable buffer for it
+ * that it considers already applied (BLK_DONE): it changes nothing, yet code
+ * that uses the buffer's identity (BRIN takes BufferGetBlockNumber of the
+ * heap page) sees the right block number.  The buffer is left unlocked and
+ * unpinned, as routines that want a cleanup lock need to hold the only pin;
+ * it is not marked dirty, so it can never be flushed.
+ */
+static Buffer
+load_applied_page(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
+{
+	Buffer		buf;
+	Page		page;
+
+	buf = ReadBufferWithoutRelcache(rnode, fork, blkno, RBM_ZERO_AND_LOCK, NULL, true);
+	page = BufferGetPage(buf);
+	PageInit(page, BLCKSZ, 0);
+	PageSetLSN(page, PG_UINT64_MAX);
+	UnlockReleaseBuffer(buf);
+	return buf;
+}
+
+/* Parse a wire block tag into the client's relation, fork and block. */
+static void
+parse_tag(const char *p, RelFileNode *rnode, ForkNumber *fork, BlockNumber *blkno)
+{
+	uint8		forknum = (uint8) p[0];
+
+	if (forknum > MAX_FORKNUM)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: invalid fork number %u in block tag", forknum)));
+	*fork = (ForkNumber) forknum;
+	rnode->spcNode = get_u32(p + 1);
+	rnode->dbNode = get_u32(p + 5);
+	rnode->relNode = get_u32(p + 9);
+	*blkno = get_u32(p + 13);
+	if (*blkno == InvalidBlockNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: invalid block number %u in block tag", *blkno)));
+}
+
+static bool
+is_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
+{
+	return RelFileNodeEquals(rnode, target.client_rnode) &&
+		fork == target.client_fork && blkno == target.blkno;
+}
+
+/* Complain unless a tag names the block the current request rebuilds. */
+static void
+check_tag_is_target(const char *p, char msgtype)
+{
+	RelFileNode rnode;
+	ForkNumber	fork;
+	BlockNumber blkno;
+
+	if (!target.active)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: '%c' message before any 'B' message", msgtype)));
+	parse_tag(p, &rnode, &fork, &blkno);
+	if (!is_target(rnode, fork, blkno))
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: '%c' message names block %u/%u/%u fork %d blk %u, but redo began for %u/%u/%u fork %d blk %u",
+						msgtype, rnode.spcNode, rnode.dbNode, rnode.relNode, fork, blkno,
+						target.client_rnode.spcNode, target.client_rnode.dbNode,
+						target.client_rnode.relNode, target.client_fork, target.blkno)));
+}
+
+/* 'B': start rebuilding a block; it exists as zeros until a 'P' fills it. */
+static void
+begin_redo(const char *body, uint32 len)
+{
+	Buffer		buf;
+
+	if (len != WIRE_TAG_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'B' message body is %u bytes, expected %d", len, WIRE_TAG_LEN)));
+
+	/* A request the client abandoned without 'G' ends here. */
+	if (target.active)
+		finish_request();
+
+	parse_tag(body, &target.client_rnode, &target.client_fork, &target.blkno);
+	/* Init forks would be flushed at once by redo; keep them in main. */
+	target.fork = target.client_fork == INIT_FORKNUM ? MAIN_FORKNUM : target.client_fork;
+	target.active = true;
+	request_in_progress = true;
+	request_started_ns = now_ns();
+
+	/*
+	 * Give the target a buffer right away, so that no request reads it from
+	 * disk; an all-zero page is what redo treats as "does not exist yet".
+	 */
+	open_scratch_rel(scratch_rnode);
+	buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
+									RBM_ZERO_AND_LOCK, NULL, true);
+	MemSet(BufferGetPage(buf), 0, BLCKSZ);
+	UnlockReleaseBuffer(buf);
+	target.buffer = buf;
+}
+
+/* 'P': the target's base image. */
+static void
+push_page(const char *body, uint32 len)
+{
+	Buffer		buf;
+
+	if (len != WIRE_TAG_LEN + BLCKSZ)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'P' message body is %u bytes, expected %d (tag and one %d-byte page)",
+						len, WIRE_TAG_LEN + BLCKSZ, BLCKSZ)));
+	check_tag_is_target(body, 'P');
+
+	buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
+									RBM_ZERO_AND_LOCK, NULL, true);
+	memcpy(BufferGetPage(buf), body + WIRE_TAG_LEN, BLCKSZ);
+	MarkBufferDirty(buf);
+	UnlockReleaseBuffer(buf);
+	target.buffer = buf;
+}
+
+/* Only records of these kinds change relation pages and nothing else. */
+static void
+check_record_kind(XLogRecord *rec)
+{
+	uint8		info = rec->xl_info & ~XLR_INFO_MASK;
+
+	switch (rec->xl_rmid)
+	{
+		case RM_XLOG_ID:
+			if (info == XLOG_FPI || info == XLOG_FPI_FOR_HINT)
+				return;
+			break;
+		case RM_HEAP2_ID:
+			if ((info & XLOG_HEAP_OPMASK) == XLOG_HEAP2_REWRITE)
+				break;
+			return;
+		case RM_HEAP_ID:
+		case RM_BTREE_ID:
+		case RM_HASH_ID:
+		case RM_GIN_ID:
+		case RM_GIST_ID:
+		case RM_SEQ_ID:
+		case RM_SPGIST_ID:
+		case RM_BRIN_ID:
+		case RM_GENERIC_ID:
+			return;
+		default:
+			break;
+	}
+	if (RmgrIdIsValid(rec->xl_rmid) && RmgrIdExists(rec->xl_rmid))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("walredod: %s record (info 0x%02X) does not change relation pages and cannot be applied to one",
+						GetRmgr(rec->xl_rmid).rm_name, rec->xl_info)));
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("walredod: record has unknown resource manager id %u", rec->xl_rmid)));
+}
+
+/*
+ * Does a block reference belong to the target's history?  A visibility map
+ * page is also changed by heap records that only name the heap block whose
+ * bits it holds, so those count for it.
+ */
+static bool
+block_touches_target(DecodedBkpBlock *blk)
+{
+	if (is_target(blk->rnode, blk->forknum, blk->blkno))
+		return true;
+	return target.client_fork == VISIBILITYMAP_FORKNUM &&
+		blk->forknum == MAIN_FORKNUM &&
+		RelFileNodeEquals(blk->rnode, target.client_rnode) &&
+		blk->blkno / VM_HEAPBLOCKS_PER_PAGE == target.blkno;
+}
+
+/*
+ * Point every block reference of the decoded record at our relations.
+ * Returns the number of dummy relations used, filling 'used'; sets
+ * *scratch_main_used when heap blocks of a visibility-map target were mapped
+ * into the scratch relation.
+ */
+static int
+remap_blocks(RelFileNode *used, bool *scratch_main_used)
+{
+	bool		touches = false;
+	int			nused = 0;
+
+	*scratch_main_used = false;
+	for (int id = 0; id <= decoded->max_block_id; id++)
+	{
+		DecodedBkpBlock *blk = &decoded->blocks[id];
+
+		if (!blk->in_use)
+			continue;
+		if (block_touches_target(blk))
+			touches = true;
+	}
+	if (!touches)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("walredod: %s record does not reference the target block %u/%u/%u fork %d blk %u",
+						GetRmgr(decoded->header.xl_rmid).rm_name,
+						target.client_rnode.spcNode, target.client_rnode.dbNode,
+						target.client_rnode.relNode, target.client_fork, target.blkno)));
+
+	for (int id = 0; id <= decoded->max_block_id; id++)
+	{
+		DecodedBkpBlock *blk = &decoded->blocks[id];
+
+		if (!blk->in_use)
+			continue;
+
+		if (is_target(blk->rnode, blk->forknum, blk->blkno))
+		{
+			blk->rnode = scratch_rnode;
+			blk->forknum = target.fork;
+			blk->prefetch_buffer = target.buffer;
+			continue;
+		}
+
+		/*
+		 * Heap redo clears visibility map bits through the heap block's
+		 * relation, so for a VM target the relation's heap blocks must share
+		 * the scratch relation with it.
+		 */
+		if (target.client_fork == VISIBILITYMAP_FORKNUM &&
+			blk->forknum == MAIN_FORKNUM &&
+			RelFileNodeEquals(blk->rnode, target.client_rnode))
+		{
+			blk->rnode = scratch_rnode;
+			*scratch_main_used = true;
+		}
+		else
+		{
+			blk->rnode = dummy_rnodes[id];
+			used[nused++] = dummy_rnodes[id];
+		}
+		if (blk->forknum == INIT_FORKNUM)
+			blk->forknum = MAIN_FORKNUM;
+
+		open_scratch_rel(blk->rnode);
+		if ((blk->flags & BKPBLOCK_WILL_INIT) == 0 && !blk->apply_image)
+			blk->prefetch_buffer = load_applied_page(blk->rnode, blk->forknum, blk->blkno);
+	}
+	return nused;
+}
+
+/* 'A': verify, decode and replay one record against the target. */
+static void
+apply_record(const char *body, uint32 len)
+{
+	XLogRecord *rec;
+	XLogRecPtr	end_lsn;
+	uint32		rec_len;
+	pg_crc32c	crc;
+	char	   *errormsg = NULL;
+	RelFileNode used[NUM_DUMMY_RELS];
+	bool		scratch_main_used;
+	int			nused;
+	size_t		needed;
+	MemoryContext oldcontext;
+
+	if (!target.active)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'A' message before any 'B' message")));
+	if (len < sizeof(uint64) + SizeOfXLogRecord)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'A' message body is %u bytes, too short for an LSN and a record header", len)));
+
+	end_lsn = get_u64(body);
+	rec_len = len - sizeof(uint64);
+
+	/* The record may sit unaligned in our input buffer; copy the header. */
+	rec = (XLogRecord *) (body + sizeof(uint64));
+	{
+		XLogRecord	hdr;
+
+		memcpy(&hdr, rec, SizeOfXLogRecord);
+		if (hdr.xl_tot_len != rec_len)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("walredod: record at end LSN %X/%X has xl_tot_len %u but the message carries %u bytes",
+							LSN_FORMAT_ARGS(end_lsn), hdr.xl_tot_len, rec_len)));
+
+		INIT_CRC32C(crc);
+		COMP_CRC32C(crc, ((char *) rec) + SizeOfXLogRecord, rec_len - SizeOfXLogRecord);
+		COMP_CRC32C(crc, (char *) &hdr, offsetof(XLogRecord, xl_crc));
+		FIN_CRC32C(crc);
+		if (!EQ_CRC32C(hdr.xl_crc, crc))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("walredod: record at end LSN %X/%X fails its CRC check (stored %08X, computed %08X)",
+							LSN_FORMAT_ARGS(end_lsn), hdr.xl_crc, crc)));
+		check_record_kind(&hdr);
+	}
+
+	needed = DecodeXLogRecordRequiredSpace(rec_len);
+	if (needed > decoded_size)
+	{
+		decoded = (DecodedXLogRecord *) MemoryContextAllocHuge(TopMemoryContext, needed);
+		decoded_size = needed;
+	}
+
+	/*
+	 * DecodeXLogRecord copies what it keeps, but reads the record in place;
+	 * give it an aligned copy when the input buffer did not.
+	 */
+	if (((uintptr_t) rec) % MAXIMUM_ALIGNOF != 0)
+	{
+		char	   *aligned = MemoryContextAllocHuge(redo_context, rec_len);
+
+		memcpy(aligned, rec, rec_len);
+		rec = (XLogRecord *) aligned;
+	}
+
+	/*
+	 * Redo only uses the end position (EndRecPtr); the start is unknown to us
+	 * and is set to the same value.
+	 */
+	if (!DecodeXLogRecord(reader, decoded, rec, end_lsn, &errormsg))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: record at end LSN %X/%X is malformed: %s",
+						LSN_FORMAT_ARGS(end_lsn), errormsg ? errormsg : "unknown error")));
+	decoded->next_lsn = end_lsn;
+	reader->record = decoded;
+	reader->ReadRecPtr = end_lsn;
+	reader->EndRecPtr = end_lsn;
+
+	nused = remap_blocks(used, &scratch_main_used);
+
+	oldcontext = MemoryContextSwitchTo(redo_context);
+	GetRmgr(decoded->header.xl_rmid).rm_redo(reader);
+	MemoryContextSwitchTo(oldcontext);
+	MemoryContextReset(redo_context);
+
+	/*
+	 * Pages of other blocks must not outlive the record: a stale one would
+	 * answer the next record's reads with content of this one.
+	 */
+	if (nused > 0)
+		drop_relations(used, nused);
+	if (scratch_main_used)
+	{
+		drop_scratch_fork(MAIN_FORKNUM);
+		drop_scratch_fork(FSM_FORKNUM);
+	}
+	reader->record = NULL;
+	stat_records++;
+}
+
+static void
+write_reply(const char *page)
+{
+	size_t		done = 0;
+
+	while (done < BLCKSZ)
+	{
+		ssize_t		n = write(reply_fd, page + done, BLCKSZ - done);
+
+		if (n < 0)
+		{
+			if (errno == EINTR)
+				continue;
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("walredod: could not write reply: %m")));
+		}
+		done += n;
+	}
+}
+
+/* 'G': reply with the rebuilt page, then forget the request. */
+static void
+get_page(const char *body, uint32 len)
+{
+	PGAlignedBlock page;
+	Buffer		buf;
+
+	if (len != WIRE_TAG_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'G' message body is %u bytes, expected %d", len, WIRE_TAG_LEN)));
+	check_tag_is_target(body, 'G');
+
+	if (!ReadRecentBuffer(scratch_rnode, target.fork, target.blkno, target.buffer))
+		buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
+										RBM_NORMAL_NO_LOG, NULL, true);
+	else
+		buf = target.buffer;
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	memcpy(page.data, BufferGetPage(buf), BLCKSZ);
+	UnlockReleaseBuffer(buf);
+
+	write_reply(page.data);
+	finish_request();
+
+	stat_requests++;
+	stat_busy_ns += now_ns() - request_started_ns;
+}
+
+/*
+ * Make sure the input buffer holds at least 'want' unconsumed bytes.
+ * Returns false on EOF before any byte of a new message.
+ */
+static bool
+fill_input(size_t want, bool at_message_start)
+{
+	while (inbuf_end - inbuf_start < want)
+	{
+		ssize_t		n;
+
+		if (inbuf_start + want > inbuf_size)
+		{
+			/* Slide the partial message down, growing the buffer if needed. */
+			size_t		have = inbuf_end - inbuf_start;
+
+			if (want > inbuf_size)
+			{
+				size_t		newsize = Max(inbuf_size * 2, want);
+				char	   *newbuf = MemoryContextAllocHuge(TopMemoryContext, newsize);
+
+				memcpy(newbuf, inbuf + inbuf_start, have);
+				pfree(inbuf);
+				inbuf = newbuf;
+				inbuf_size = newsize;
+			}
+			else
+				memmove(inbuf, inbuf + inbuf_start, have);
+			inbuf_start = 0;
+			inbuf_end = have;
+		}
+
+		n = read(STDIN_FILENO, inbuf + inbuf_end, inbuf_size - inbuf_end);
+		if (n < 0)
+		{
+			if (errno == EINTR)
+				continue;
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("walredod: could not read from stdin: %m")));
+		}
+		if (n == 0)
+		{
+			if (at_message_start && inbuf_end == inbuf_start)
+				return false;
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: stdin ended in the middle of a message")));
+		}
+		inbuf_end += n;
+	}
+	return true;
+}
+
+static void
+exit_on_eof(void)
+{
+	if (target.active)
+		finish_request();
+	fprintf(stderr, "walredod: served %llu requests, %llu records, %llu ns busy\n",
+			(unsigned long long) stat_requests, (unsigned long long) stat_records,
+			(unsigned long long) stat_busy_ns);
+	InRecovery = false;
+	proc_exit(0);
+}
+
+static void
+serve(void)
+{
+	for (;;)
+	{
+		char		msgtype;
+		uint32		msglen;
+		uint32		bodylen;
+		const char *body;
+
+		if (!fill_input(5, true))
+			exit_on_eof();
+		msgtype = inbuf[inbuf_start];
+		msglen = get_u32(inbuf + inbuf_start + 1);
+		if (msglen < 4 || msglen > MAX_MESSAGE_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: message '%c' has invalid length %u", msgtype, msglen)));
+		bodylen = msglen - 4;
+		fill_input(5 + (size_t) bodylen, false);
+		body = inbuf + inbuf_start + 5;
+
+		switch (msgtype)
+		{
+			case 'B':
+				begin_redo(body, bodylen);
+				break;
+			case 'P':
+				push_page(body, bodylen);
+				break;
+			case 'A':
+				apply_record(body, bodylen);
+				break;
+			case 'G':
+				get_page(body, bodylen);
+				break;
+			case 'H':
+				{
+					PGAlignedBlock zeros;
+
+					if (bodylen != 0)
+						ereport(ERROR,
+								(errcode(ERRCODE_PROTOCOL_VIOLATION),
+								 errmsg("walredod: 'H' message has a %u-byte body, expected none", bodylen)));
+					MemSet(zeros.data, 0, BLCKSZ);
+					write_reply(zeros.data);
+				}
+				break;
+			default:
+				ereport(ERROR,
+						(errcode(ERRCODE_PROTOCOL_VIOLATION),
+						 errmsg("walredod: unknown message type 0x%02X", (unsigned char) msgtype)));
+		}
+		inbuf_start += 5 + (size_t) bodylen;
+	}
+}
+
+/*
+ * Dying with dirty buffers of ours must not run the shutdown checkpoint: it
+ * would try to flush pages stamped with the client's LSNs.
+ */
+static void
+skip_shutdown_if_busy(int code, Datum arg)
+{
+	if (request_in_progress)
+	{
+		fflush(stderr);
+		_exit(code == 0 ? 1 : code);
+	}
+}
+
+/* Put the backend into the state redo expects, then serve forever. */
+static void
+take_over(void)
+{
+	struct rlimit no_core = {0, 0};
+	ResourceOwner owner;
+
+	/* Replies go to the original stdout; stray prints go to stderr. */
+	fflush(stdout);
+	reply_fd = dup(STDOUT_FILENO);
+	if (reply_fd < 0 || dup2(STDERR_FILENO, STDOUT_FILENO) < 0)
+		ereport(FATAL,
+				(errcode_for_file_access(),
+				 errmsg("walredod: could not redirect stdout: %m")));
+
+	/*
+	 * The parent stops us with SIGKILL or by closing stdin; SIGINT from a
+	 * terminal belongs to the parent.  A dying child must not dump core.
+	 */
+	pqsignal(SIGINT, SIG_IGN);
+	pqsignal(SIGHUP, SIG_IGN);
+	pqsignal(SIGTERM, SIG_DFL);
+	pqsignal(SIGQUIT, SIG_DFL);
+	setrlimit(RLIMIT_CORE, &no_core);
+
+	before_shmem_exit(skip_shutdown_if_busy, 0);
+
+	owner = ResourceOwnerCreate(NULL, "walredod");
+	CurrentResourceOwner = owner;
+	redo_context = AllocSetContextCreate(TopMemoryContext, "walredod record",
+										 ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(TopMemoryContext);
+
+	inbuf_size = 256 * 1024;
+	inbuf = MemoryContextAllocHuge(TopMemoryContext, inbuf_size);
+	inbuf_start = inbuf_end = 0;
+
+	reader = XLogReaderAllocate(wal_segment_size, NULL,
+								XL_ROUTINE(.page_read = NULL), NULL);
+	if (reader == NULL)
+		ereport(FATAL, (errmsg("walredod: out of memory allocating a WAL reader")));
+	decoded_size = DecodeXLogRecordRequiredSpace(BLCKSZ * 4);
+	decoded = MemoryContextAllocHuge(TopMemoryContext, decoded_size);
+
+	/*
+	 * Recovery state: InRecovery makes smgr trust our cached sizes and md
+	 * zero-fill reads past EOF; without reachedConsistency a skipped block is
+	 * remembered instead of being a PANIC; no hot standby conflicts.
+	 */
+	InRecovery = true;
+	reachedConsistency = false;
+	standbyState = STANDBY_DISABLED;
+	RmgrStartup();
+
+	PG_TRY();
+	{
+		prepare_scratch_relations();
+		blocks_written_at_start = pgBufferUsage.shared_blks_written;
+		serve();
+	}
+	PG_CATCH();
+	{
+		/* Report, and end without touching anything on disk. */
+		EmitErrorReport();
+		fflush(stderr);
+		_exit(1);
+	}
+	PG_END_TRY();
+}
+
+void
+_PG_init(void)
+{
+	DefineCustomBoolVariable("walredod.serve",
+							 "Serve the WAL redo protocol on stdin/stdout.",
+							 "Only for a single-user backend started by walredod.",
+							 &walredod_serve,
+							 false,
+							 PGC_SU_BACKEND,
+							 0,
+							 NULL, NULL, NULL);
+
+	if (!walredod_serve)
+		return;
+	if (IsUnderPostmaster)
+		ereport(FATAL,
+				(errmsg("walredod.serve requires a single-user backend (postgres --single)")));
+	take_over();
+}

@@ -1,0 +1,169 @@
+"""One redo child process: start it, send it requests, notice its death, explain it."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import select
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from walredod.engine.pipe import PING
+from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
+from walredod.types import BLCKSZ
+
+log = logging.getLogger("walredod.child")
+
+# SQLSTATEs our extension uses for requests that are wrong in themselves (see pgext/walredod_redo.c).
+_INVALID_REQUEST_SQLSTATES = {"08P01", "XX001", "0A000", "22023"}
+_SQLSTATE_LINE = re.compile(r"\b(ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):\s+(.*)")
+
+
+class ChildDied(Exception):
+    """The child ended while we waited for it; ``error`` is what to tell the caller."""
+
+    def __init__(self, error: WalredodError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class ChildGone(ChildDied):
+    """The child was already dead when a request was written to it: the request was not seen, it may be retried."""
+
+
+class RedoChild:
+    """A running redo child with pipes to its stdin/stdout; its stderr goes to logging."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | None, popen_kwargs: dict, name: str):
+        self.name = name
+        self.started_at = time.monotonic()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
+        self._stderr_done = threading.Event()
+        try:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=env, cwd=cwd, close_fds=True, **popen_kwargs,
+            )
+        except OSError as exc:
+            raise Unavailable(f"could not start the redo child {argv[0]}: {exc}") from exc
+        self.pid = self.process.pid
+        self._stdin = self.process.stdin.fileno()
+        self._stdout = self.process.stdout.fileno()
+        self._poll = select.poll()
+        self._poll.register(self._stdout, select.POLLIN)
+        self._ping_pending = False
+        threading.Thread(target=self._forward_stderr, name=f"{name}-stderr", daemon=True).start()
+
+    def _forward_stderr(self) -> None:
+        try:
+            for raw in self.process.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    self._stderr_tail.append(line)
+                    log.log(_log_level(line), "%s[%d]: %s", self.name, self.pid, line)
+        finally:
+            self._stderr_done.set()
+
+    # --- requests -----------------------------------------------------------------------------------------------
+
+    def send_ping(self) -> None:
+        """Ask for a ping reply without waiting for it: the child answers once it is up."""
+        self._write(PING)
+        self._ping_pending = True
+
+    def wait_ready(self, timeout: float) -> None:
+        """Consume the pending ping reply: the child has started and serves requests."""
+        if self._ping_pending:
+            self.read_page(timeout)
+            self._ping_pending = False
+
+    def request(self, message: bytes, timeout: float) -> bytes:
+        self._write(message)
+        return self.read_page(timeout)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            written = os.write(self._stdin, data)
+            if written < len(data):  # larger than the pipe: the child drains it as it parses
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.write(self._stdin, view[written:])
+        except (BrokenPipeError, ConnectionResetError):
+            raise ChildGone(self._death_error()) from None
+
+    def read_page(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        chunks: list[bytes] = []
+        got = 0
+        while got < BLCKSZ:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._poll.poll(remaining * 1000):
+                self.kill()
+                raise ChildDied(RedoTimeout(f"redo child {self.pid} gave no answer within {timeout:g} s"))
+            chunk = os.read(self._stdout, BLCKSZ - got)
+            if not chunk:
+                raise ChildDied(self._death_error())
+            chunks.append(chunk)
+            got += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # --- life and death -----------------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the child to exit (EOF on its stdin); kill it if it does not."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.wait()
+        self._stderr_done.wait(1.0)
+        for stream in (self.process.stdout, self.process.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def _death_error(self) -> WalredodError:
+        """Why the child ended, from its exit status and the last error it wrote."""
+        try:
+            status = self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            status = self.process.wait()
+        self._stderr_done.wait(2.0)
+        for line in reversed(self._stderr_tail):
+            match = _SQLSTATE_LINE.search(line)
+            if match:
+                level, sqlstate, message = match.groups()
+                cls = InvalidRequest if sqlstate in _INVALID_REQUEST_SQLSTATES else RedoFailed
+                return cls(f"{message} ({level} {sqlstate})")
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        last = self._stderr_tail[-1] if self._stderr_tail else "no message"
+        return RedoFailed(f"redo child {self.pid} died ({how}): {last}")
+
+
+def _log_level(line: str) -> int:
+    if "PANIC:" in line or "FATAL:" in line or "ERROR:" in line:
+        return logging.ERROR
+    if "WARNING:" in line:
+        return logging.WARNING
+    return logging.DEBUG

@@ -1,0 +1,187 @@
+"""The files a redo child needs: PostgreSQL binaries, our extension, and a scratch datadir.
+
+initdb takes about a second, so one template cluster is initdb'd once per data directory (under a lock, so parallel
+engines and workers share it) and each child slot gets a copy. A slot's datadir is reused by every child that runs in
+the slot: PostgreSQL itself cleans up after a killed predecessor (stale lock file, crash recovery of an idle cluster).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import logging
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from walredod.config import EngineSettings
+from walredod.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_AS = "walredod"
+EXTENSION_NAME = "walredod_redo.so"
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# Databases the child never connects to; dropping their files makes each copy a third of the size.
+_UNUSED_DATABASE_DIRS = ("base/1", "base/4")
+_slot_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Who the children run as: the caller, or (when the caller is root) an unprivileged user."""
+
+    user: str | None
+    uid: int
+    gid: int
+
+    @classmethod
+    def for_settings(cls, settings: EngineSettings) -> RunAs:
+        if os.geteuid() != 0:
+            return cls(None, os.geteuid(), os.getegid())
+        name = settings.run_as or DEFAULT_RUN_AS
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise Unavailable(
+                f"we are root and PostgreSQL refuses to run as root, but user {name!r} does not exist "
+                "(the README's set-up creates it; or set run_as)"
+            ) from None
+        return cls(name, entry.pw_uid, entry.pw_gid)
+
+    def popen_kwargs(self) -> dict:
+        if self.user is None:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def chown(self, path: Path) -> None:
+        if self.user is not None:
+            os.chown(path, self.uid, self.gid)
+
+
+def find_postgres_bin(settings: EngineSettings) -> Path:
+    candidates = [settings.postgres_bin] if settings.postgres_bin else []
+    candidates.append(Path("/usr/lib/postgresql/15/bin/postgres"))
+    if pg_config := shutil.which("pg_config"):
+        try:
+            bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True).stdout
+            candidates.append(Path(bindir.strip()) / "postgres")
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    for path in candidates:
+        if path and path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise Unavailable(
+        "PostgreSQL 15's postgres binary was not found (run the README's set-up, or set postgres_bin)"
+    )
+
+
+def find_extension(settings: EngineSettings) -> Path:
+    candidates = [settings.extension_path] if settings.extension_path else []
+    candidates += [_PACKAGE_DIR / "_native" / EXTENSION_NAME, _PACKAGE_DIR.parent / "pgext" / EXTENSION_NAME]
+    for path in candidates:
+        if path and path.is_file():
+            return path
+    raise Unavailable(f"{EXTENSION_NAME} was not found (run the README's set-up to build it, or set extension_path)")
+
+
+class DataDirectory:
+    """The engine's data directory: the template cluster, a private copy of the extension, child slots."""
+
+    def __init__(self, settings: EngineSettings, run_as: RunAs):
+        self.root = Path(settings.data_dir)
+        self.run_as = run_as
+        self.postgres_bin = find_postgres_bin(settings)
+        self._make_dir(self.root)
+        self._make_dir(self.root / "slots")
+
+    def _make_dir(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.run_as.chown(path)
+
+    def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, capture_output=True, text=True, **self.run_as.popen_kwargs(), **kwargs)
+
+    def install_extension(self, source: Path) -> Path:
+        """Copy our extension into the data directory under a name from its content.
+
+        The child must be able to read it (as root the source may sit in a directory the unprivileged user cannot
+        enter), and a rebuild while children run must not change the file under them.
+        """
+        data = source.read_bytes()
+        lib_dir = self.root / "lib"
+        self._make_dir(lib_dir)
+        target = lib_dir / f"walredod_redo-{hashlib.sha256(data).hexdigest()[:16]}.so"
+        if not target.exists():
+            tmp = lib_dir / f".{target.name}.{os.getpid()}"
+            tmp.write_bytes(data)
+            tmp.chmod(0o755)
+            self.run_as.chown(tmp)
+            os.replace(tmp, target)
+        return target
+
+    def template(self) -> Path:
+        """The initdb'd template cluster, made on first use by exactly one process."""
+        version_text = self._run([str(self.postgres_bin), "--version"], check=True).stdout
+        version = re.search(r"\d+(\.\d+)+", version_text).group(0)
+        template = self.root / f"template-{version}"
+        if (template / "PG_VERSION").exists():
+            return template
+        with open(self.root / "template.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (template / "PG_VERSION").exists():
+                return template
+            self._initdb(template)
+        return template
+
+    def _initdb(self, template: Path) -> None:
+        building = self.root / f".{template.name}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        initdb = self.postgres_bin.with_name("initdb")
+        log.info("creating the template cluster %s with %s", template, initdb)
+        # 1MB WAL segments, no checksums (the children never compute them), C locale.
+        done = self._run(
+            [str(initdb), "-D", str(building), "--no-sync", "--auth=trust", "--username=postgres",
+             "--wal-segsize=1", "--locale=C", "--encoding=UTF8"],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+        )
+        if done.returncode != 0:
+            raise Unavailable(f"initdb of the template cluster failed: {done.stderr.strip()[-2000:]}")
+        for unused in _UNUSED_DATABASE_DIRS:
+            shutil.rmtree(building / unused, ignore_errors=True)
+        os.rename(building, template)
+
+    def new_slot(self) -> Path:
+        """A fresh child datadir copied from the template; the engine removes it when it closes."""
+        template = self.template()
+        self.remove_abandoned_slots()
+        slot = self.root / "slots" / f"{os.getpid()}-{next(_slot_counter)}"
+        shutil.rmtree(slot, ignore_errors=True)
+        # cp as the child's user: ownership comes out right, and it is faster than a Python tree copy.
+        done = self._run(["cp", "-a", str(template), str(slot)])
+        if done.returncode != 0:
+            raise Unavailable(f"copying the template cluster failed: {done.stderr.strip()}")
+        return slot
+
+    def remove_abandoned_slots(self) -> None:
+        """Slots of processes that are gone (killed without closing their engine)."""
+        for slot in (self.root / "slots").iterdir():
+            pid = slot.name.split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+                log.info("removing the abandoned child datadir %s", slot)
+                shutil.rmtree(slot, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

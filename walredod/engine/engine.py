@@ -1,0 +1,284 @@
+"""RedoEngine: rebuilds pages with one redo child, replaced at once when it dies.
+
+A second child (the spare) is started ahead of time and warmed with a ping, so a child's death costs the next request
+no start-up: the spare takes over and a new spare starts in the background of the following requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from walredod.config import EngineSettings
+from walredod.engine.child import ChildDied, ChildGone, RedoChild
+from walredod.engine.datadir import DataDirectory, RunAs, find_extension
+from walredod.engine.pipe import PING, encode_request
+from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
+from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
+
+log = logging.getLogger(__name__)
+
+_U32_MAX = 0xFFFFFFFF
+_XLOG_RECORD_HEADER_LEN = 24
+_read_tot_len = struct.Struct("<I").unpack_from
+
+# Settings for the scratch cluster's single-user backend: small shared memory, nothing in the background, errors
+# with their SQLSTATE so the engine can tell a bad request from a redo failure.
+_CHILD_GUCS = (
+    "walredod.serve=on",
+    "fsync=off",
+    "autovacuum=off",
+    "jit=off",
+    "huge_pages=off",
+    "max_connections=2",
+    "superuser_reserved_connections=0",
+    "max_worker_processes=0",
+    "max_wal_senders=0",
+    "max_replication_slots=0",
+    "max_prepared_transactions=0",
+    "max_locks_per_transaction=10",
+    "wal_level=minimal",
+    "wal_buffers=64kB",
+    "track_activities=off",
+    "track_counts=off",
+    "log_min_messages=warning",
+    "log_error_verbosity=verbose",
+    "log_checkpoints=off",
+)
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    records: int = 0
+    errors: int = 0
+    children_started: int = 0
+    restarts: dict[str, int] = field(default_factory=dict)  # cause -> count
+
+
+class RedoEngine:
+    """Owns one redo child (plus a warm spare) and rebuilds pages with it.
+
+    >>> with RedoEngine() as engine:
+    ...     page = engine.redo(tag, lsn, base_image, records)
+    """
+
+    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo", **overrides):
+        if settings is None:
+            settings = EngineSettings(**overrides)
+        elif overrides:
+            settings = settings.model_copy(update=overrides)
+        self.settings = settings
+        self.name = name
+        self.stats = EngineStats()
+        self._run_as = RunAs.for_settings(settings)
+        self._data = None
+        self._extension: Path | None = None
+        self._free_slots: list[Path] = []
+        self._all_slots: list[Path] = []
+        self._slot_of: dict[int, Path] = {}
+        self._active: RedoChild | None = None
+        self._spare: RedoChild | None = None
+        self._closed = False
+        if settings.kind == "vanilla":
+            self._data = DataDirectory(settings, self._run_as)
+            self._extension = self._data.install_extension(find_extension(settings))
+        elif settings.neon_postgres_bin is None:
+            raise Unavailable("kind = 'neon' needs neon_postgres_bin, the path of Neon's postgres binary")
+        try:
+            self._active = self._start_child()
+            self._active.wait_ready(settings.start_timeout)
+            if settings.keep_spare:
+                self._spare = self._start_child()
+        except ChildDied as death:
+            self.close()
+            raise Unavailable(f"the redo child could not start: {death.error}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # --- public API ---------------------------------------------------------------------------------------------
+
+    def redo(
+        self,
+        tag: BufferTag,
+        lsn: int,
+        base_image: bytes | None,
+        records: Sequence[WalRecord],
+        timeout: float | None = None,
+    ) -> bytes:
+        """The page ``tag`` as of ``lsn``: ``base_image`` (None: the page did not exist) with ``records`` applied.
+
+        ``records`` are the page's records in WAL order, each ``WalRecord(lsn=<end LSN>, data=<raw XLogRecord>)``.
+        Raises InvalidRequest, RedoFailed, RedoTimeout or Unavailable (walredod.errors).
+        """
+        check_request(tag, lsn, base_image, records)
+        message = encode_request(tag, base_image, records)
+        page = self._call(message, timeout)
+        self.stats.requests += 1
+        self.stats.records += len(records)
+        return page
+
+    def ping(self, timeout: float | None = None) -> None:
+        """Round trip to the child without redo work."""
+        if self._call(PING, timeout) != ZERO_PAGE:
+            raise Unavailable("the redo child answered a ping with something else than a zero page")
+
+    @property
+    def child_pid(self) -> int | None:
+        return self._active.pid if self._active else None
+
+    @property
+    def spare_pid(self) -> int | None:
+        return self._spare.pid if self._spare else None
+
+    def close(self) -> None:
+        """Stop the children (EOF on their stdin) and remove their datadirs."""
+        self._closed = True
+        for child in (self._active, self._spare):
+            if child is not None:
+                child.close()
+        self._active = self._spare = None
+        for slot in self._all_slots:
+            shutil.rmtree(slot, ignore_errors=True)
+        self._all_slots.clear()
+        self._free_slots.clear()
+
+    def __enter__(self) -> RedoEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    # --- children -----------------------------------------------------------------------------------------------
+
+    def _call(self, message: bytes, timeout: float | None) -> bytes:
+        if self._closed:
+            raise Unavailable("the redo engine is closed")
+        timeout = timeout if timeout is not None else self.settings.request_timeout
+        for _attempt in range(2):
+            child = self._active or self._take_over()
+            try:
+                return child.request(message, timeout)
+            except ChildGone as gone:
+                # Died while idle: it never saw this request, so the next child may serve it.
+                self._child_died(child, "died idle")
+                last = gone
+                continue
+            except ChildDied as death:
+                self.stats.errors += 1
+                cause = "timeout" if isinstance(death.error, RedoTimeout) else "died in request"
+                self._child_died(child, cause)
+                raise death.error from None
+        self.stats.errors += 1
+        raise last.error
+
+    def _child_died(self, child: RedoChild, cause: str) -> None:
+        log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
+        self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
+        child.kill()
+        child.close()
+        self._release_slot(child)
+        if child is self._active:
+            self._active = None
+        if child is self._spare:
+            self._spare = None
+
+    def _take_over(self) -> RedoChild:
+        """Promote the spare (or start a child now, if there is none) and start a new spare."""
+        for _attempt in range(2):
+            child, self._spare = self._spare, None
+            if child is None:
+                child = self._start_child()
+            try:
+                child.wait_ready(self.settings.start_timeout)
+            except ChildDied as death:
+                self._child_died(child, "failed to start")
+                error = death.error
+                continue
+            self._active = child
+            if self.settings.keep_spare:
+                try:
+                    self._spare = self._start_child()
+                except Unavailable as exc:
+                    log.error("%s: could not start a spare redo child: %s", self.name, exc)
+            return child
+        raise Unavailable(f"the redo child could not start: {error}")
+
+    def _start_child(self) -> RedoChild:
+        if self.settings.kind == "neon":
+            argv = [str(self.settings.neon_postgres_bin), "--wal-redo"]
+            env = {"LD_LIBRARY_PATH": self.settings.neon_ld_library_path}
+            cwd = self.settings.data_dir if self.settings.data_dir.is_dir() else None
+            slot = None
+        else:
+            slot = self._free_slots.pop() if self._free_slots else self._new_slot()
+            argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
+                    "-c", f"session_preload_libraries={self._extension}",
+                    "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB"]
+            for guc in _CHILD_GUCS:
+                argv += ["-c", guc]
+            argv.append("postgres")
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+            cwd = slot
+        try:
+            child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
+        except Unavailable:
+            if slot is not None:
+                self._free_slots.append(slot)
+            raise
+        if slot is not None:
+            self._slot_of[child.pid] = slot
+        self.stats.children_started += 1
+        try:
+            child.send_ping()
+        except ChildGone:
+            pass  # wait_ready reports it
+        return child
+
+    def _new_slot(self) -> Path:
+        slot = self._data.new_slot()
+        self._all_slots.append(slot)
+        return slot
+
+    def _release_slot(self, child: RedoChild) -> None:
+        slot = self._slot_of.pop(child.pid, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+
+def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:
+    """Refuse what would make the child fail for reasons we can see without decoding a record."""
+    if not isinstance(tag, BufferTag):
+        raise InvalidRequest(f"tag must be a BufferTag, not {type(tag).__name__}")
+    spcnode, dbnode, relnode, forknum, blkno = tag
+    if not (0 <= spcnode <= _U32_MAX and 0 <= dbnode <= _U32_MAX and 0 <= relnode <= _U32_MAX):
+        raise InvalidRequest(f"tag {tag}: relation OIDs must be unsigned 32-bit numbers")
+    if not 0 <= forknum <= 3:
+        raise InvalidRequest(f"tag {tag}: fork number must be 0 to 3")
+    if not 0 <= blkno < _U32_MAX:
+        raise InvalidRequest(f"tag {tag}: block number must be below 0xFFFFFFFF")
+    if base_image is not None and len(base_image) != BLCKSZ:
+        raise InvalidRequest(f"base image is {len(base_image)} bytes, a page is {BLCKSZ}")
+    previous = 0
+    for i, (rec_lsn, data) in enumerate(records):
+        if len(data) < _XLOG_RECORD_HEADER_LEN:
+            raise InvalidRequest(f"record {i} is {len(data)} bytes, shorter than a record header")
+        tot_len = _read_tot_len(data)[0]
+        if tot_len != len(data):
+            raise InvalidRequest(f"record {i}: xl_tot_len says {tot_len} bytes but {len(data)} were given")
+        if rec_lsn < previous:
+            raise InvalidRequest(f"record {i}: LSNs must increase (end LSN {rec_lsn:X} after {previous:X})")
+        previous = rec_lsn
+    if previous > lsn:
+        raise InvalidRequest(f"a record ends at {previous:X}, after the requested LSN {lsn:X}")

@@ -1,0 +1,20 @@
+# The two commands of the README: `make run` and `make test`. Both do the set-up first (idempotent).
+PYTHON ?= python3
+
+.PHONY: setup run test bench clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(PYTHON) -m walredod doctor
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) bench/engine_latency.py
+
+clean:
+	$(MAKE) -s -C pgext clean
+	rm -rf walredod/_native build *.egg-info

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-time set-up of a machine for walredod: PostgreSQL 15 (server and headers), the unprivileged user the redo
+# children run as when we are root, the Python packages, and our PostgreSQL extension.
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+RUN_AS_USER="${WALREDOD_USER:-walredod}"
+
+have_pg15_dev() {
+    [ -x /usr/lib/postgresql/15/bin/postgres ] && [ -x /usr/lib/postgresql/15/bin/pg_config ] &&
+        [ -f /usr/include/postgresql/15/server/postgres.h ]
+}
+
+if ! have_pg15_dev; then
+    echo "== installing PostgreSQL 15 server and development files (apt-get)"
+    $SUDO apt-get update -qq
+    # server-dev pulls the newest 15.x server, so the extension is built for the server it runs in.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        postgresql-15 postgresql-server-dev-15 make gcc >/dev/null
+fi
+
+if [ "$(id -u)" -eq 0 ] && ! id "$RUN_AS_USER" >/dev/null 2>&1; then
+    echo "== creating the system user $RUN_AS_USER (PostgreSQL refuses to run as root)"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$RUN_AS_USER"
+fi
+
+echo "== installing Python packages"
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== building the redo extension"
+make -s -C pgext PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config >/dev/null
+mkdir -p walredod/_native
+cp pgext/walredod_redo.so walredod/_native/walredod_redo.so
+echo "== set-up done"

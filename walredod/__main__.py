@@ -1,0 +1,3 @@
+from walredod.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Redo engine benchmark on real PostgreSQL 15 WAL: round trips, time inside the child, start-up, memory.
+
+    python3 bench/engine_latency.py [--iterations 3000] [--json bench/results/engine_latency.json]
+
+Requests are real page histories from the ground-truth scenario (walredod.groundtruth): a page image at the first
+cut, then the first N records of that page's history after the cut, for N in 1, 2, 10, 100 and 227; "ping" is the
+0-record round trip. Every placement runs in the same process, one after the other, so ratios between rows are
+side by side:
+
+- "one CPU": caller and child pinned to the same CPU (the child inherits the caller's affinity);
+- "two CPUs": caller on one CPU, child on the other;
+- "unpinned": wherever the scheduler puts them.
+
+Time inside the child comes from the child's own clock: at exit it prints how many requests it served and how many
+nanoseconds it spent between their first byte and their reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from walredod.engine import RedoEngine  # noqa: E402
+from walredod.groundtruth.cluster import read_page  # noqa: E402
+from walredod.groundtruth.scenario import build_scenario  # noqa: E402
+from walredod.ingest import page_histories  # noqa: E402
+from walredod.wal import WalReader  # noqa: E402
+
+RECORD_COUNTS = (1, 2, 10, 100, 227)
+_SERVED = re.compile(r"served (\d+) requests, (\d+) records, (\d+) ns busy")
+
+
+class ChildStatsCatcher(logging.Handler):
+    """Keeps the exit statistics line each child writes to its stderr (forwarded to logging)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: dict[int, tuple[int, int, int]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if match := _SERVED.search(message):
+            pid = int(re.search(r"\[(\d+)\]", message)[1])
+            self.lines[pid] = tuple(int(x) for x in match.groups())
+
+
+def build_requests(workdir: Path) -> tuple[dict[int, list], dict]:
+    """For each record count N, requests rebuilding real pages from their image at the cut plus N records."""
+    started = time.monotonic()
+    scenario = build_scenario(workdir)
+    cut = scenario.cuts[0]
+    records = list(WalReader(scenario.wal_dir).records())
+    histories = page_histories(records, since_lsn=cut)
+    by_count: dict[int, list] = {n: [] for n in RECORD_COUNTS}
+    for tag, history in sorted(histories.items()):
+        if tag.forknum != 0 or history.starts_empty:
+            continue
+        base = read_page(scenario.recovered[cut], tag)
+        for n in RECORD_COUNTS:
+            if len(history.records) >= n and len(by_count[n]) < 200:
+                chosen = history.records[:n]
+                by_count[n].append((tag, chosen[-1].end_lsn, base, [r.as_wal_record() for r in chosen]))
+    info = {"scenario_seconds": round(time.monotonic() - started, 1), "wal_records": len(records),
+            "pages_with_history": len(histories),
+            "requests_per_count": {n: len(v) for n, v in by_count.items()}}
+    return by_count, info
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_requests(engine: RedoEngine, requests: list, iterations: int) -> list[float]:
+    """Microseconds per round trip, cycling through ``requests``."""
+    redo = engine.redo
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(iterations):
+        tag, lsn, base, records = requests[i % len(requests)]
+        t0 = clock()
+        redo(tag, lsn, base, records)
+        samples.append((clock() - t0) / 1000)
+    return samples
+
+
+def time_pings(engine: RedoEngine, iterations: int) -> list[float]:
+    ping = engine.ping
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(iterations):
+        t0 = clock()
+        ping()
+        samples.append((clock() - t0) / 1000)
+    return samples
+
+
+def memory_of(pid: int) -> dict[str, float]:
+    """RSS split into private anonymous, shared memory (PostgreSQL's segment) and file pages, in MB."""
+    anonymous = shmem = total = 0
+    current = ""
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            first = line.split(None, 1)[0]
+            if not first.endswith(":"):  # a mapping's header line: address range, perms, ..., path
+                parts = line.split()
+                current = " ".join(parts[5:]) if len(parts) > 5 else ""
+                continue
+            kb = int(line.split()[1])
+            if first == "Rss:":
+                total += kb
+                if current.startswith("/dev/zero") or current.startswith("/SYSV") or "shmem" in current:
+                    shmem += kb
+            elif first == "Anonymous:":
+                anonymous += kb
+    return {"rss_mb": round(total / 1024, 2), "anonymous_mb": round(anonymous / 1024, 2),
+            "shared_memory_mb": round(shmem / 1024, 2),
+            "file_mb": round((total - anonymous - shmem) / 1024, 2)}
+
+
+def run_placement(name: str, caller_cpus: set[int], child_cpus: set[int] | None, by_count: dict, data_dir: Path,
+                  iterations: int, catcher: ChildStatsCatcher) -> dict:
+    os.sched_setaffinity(0, caller_cpus)
+    rows = {}
+    with RedoEngine(data_dir=data_dir, keep_spare=False) as engine:
+        if child_cpus is not None:
+            os.sched_setaffinity(engine.child_pid, child_cpus)
+        time_pings(engine, 500)
+        pings = time_pings(engine, iterations)
+        rows["ping"] = {"records": 0, "p50_us": percentile(pings, 0.5), "p99_us": percentile(pings, 0.99)}
+        memory = memory_of(engine.child_pid)
+    for n in RECORD_COUNTS:
+        requests = by_count[n]
+        if not requests:
+            continue
+        # A child per row, so its exit line gives this row's time inside the child.
+        with RedoEngine(data_dir=data_dir, keep_spare=False) as engine:
+            pid = engine.child_pid
+            if child_cpus is not None:
+                os.sched_setaffinity(pid, child_cpus)
+            time_requests(engine, requests, min(iterations // 5, 500))
+            samples = time_requests(engine, requests, iterations)
+            if n == RECORD_COUNTS[-1]:
+                memory = memory_of(pid)  # after the longest requests: the most the child holds
+        served, records, busy_ns = catcher.lines.get(pid, (0, 0, 0))
+        rows[f"{n} records"] = {
+            "records": n, "p50_us": percentile(samples, 0.5), "p99_us": percentile(samples, 0.99),
+            "in_child_us": round(busy_ns / served / 1000, 2) if served else None,
+        }
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
+    return {"placement": name, "caller_cpus": sorted(caller_cpus),
+            "child_cpus": sorted(child_cpus) if child_cpus is not None else "inherited",
+            "rows": rows, "child_memory": memory}
+
+
+def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int) -> dict:
+    """Start-up to first page (no spare) and the first request after a child's death (with a warm spare)."""
+    os.sched_setaffinity(0, {cpu})
+    tag, lsn, base, records = by_count[2][0]
+    result = {}
+    with RedoEngine(data_dir=data_dir, keep_spare=False) as engine:
+        starts = []
+        for _ in range(20):
+            victim = engine.child_pid
+            os.kill(victim, signal.SIGKILL)
+            time.sleep(0.05)  # dead before the request: the engine restarts it on the write
+            t0 = time.perf_counter_ns()
+            engine.redo(tag, lsn, base, records)
+            starts.append((time.perf_counter_ns() - t0) / 1e6)
+        result["start_to_first_page_ms"] = {"p50": statistics.median(starts), "max": max(starts)}
+    with RedoEngine(data_dir=data_dir, keep_spare=True) as engine:
+        steady = time_requests(engine, [by_count[2][0]], 2000)
+        firsts = []
+        for _ in range(20):
+            time.sleep(0.3)  # let the new spare finish starting
+            engine.ping()
+            os.kill(engine.child_pid, signal.SIGKILL)
+            time.sleep(0.05)
+            t0 = time.perf_counter_ns()
+            engine.redo(tag, lsn, base, records)
+            firsts.append((time.perf_counter_ns() - t0) / 1000)
+        result["after_takeover_us"] = {"first_request_p50": statistics.median(firsts),
+                                       "steady_p50": percentile(steady, 0.5)}
+        result["after_takeover_us"]["ratio"] = round(
+            result["after_takeover_us"]["first_request_p50"] / result["after_takeover_us"]["steady_p50"], 2)
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
+    return result
+
+
+def print_report(report: dict) -> None:
+    print(f"\nmachine: {report['machine']}")
+    for placement in report["placements"]:
+        print(f"\n{placement['placement']}: caller on CPU {placement['caller_cpus']}, "
+              f"child on {placement['child_cpus']}")
+        print(f"  {'request':<12} {'p50 µs':>8} {'p99 µs':>8} {'in child µs':>12}")
+        for name, row in placement["rows"].items():
+            in_child = row.get("in_child_us")
+            print(f"  {name:<12} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f} "
+                  f"{'' if in_child is None else f'{in_child:.2f}':>12}")
+        print(f"  child memory: {placement['child_memory']}")
+    print(f"\nstart-up and takeover: {json.dumps(report['startup'])}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/engine_latency.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    catcher = ChildStatsCatcher()
+    logging.getLogger("walredod.child").addHandler(catcher)
+    logging.getLogger("walredod.child").setLevel(logging.DEBUG)
+    logging.getLogger("walredod.child").propagate = False
+
+    workdir = Path(tempfile.mkdtemp(prefix="walredod-bench-"))
+    os.chmod(workdir, 0o755)
+    data_dir = workdir / "engine"
+    by_count, info = build_requests(workdir / "scenario")
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = [run_placement("one CPU", {cpus[0]}, None, by_count, data_dir, args.iterations, catcher)]
+    if len(cpus) > 1:
+        placements.append(run_placement("two CPUs", {cpus[0]}, {cpus[1]}, by_count, data_dir, args.iterations,
+                                        catcher))
+    placements.append(run_placement("unpinned", set(cpus), None, by_count, data_dir, args.iterations, catcher))
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.release()}",
+        "workload": info, "iterations": args.iterations, "placements": placements,
+        "startup": measure_start_and_takeover(by_count, data_dir, cpus[0]),
+    }
+    print_report(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

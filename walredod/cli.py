@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-from walredod.config import EngineSettings
+from walredod.config import ConfigError, EngineSettings
 from walredod.errors import WalredodError
 
 
@@ -35,6 +36,54 @@ def doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides = {}
+    if getattr(args, "endpoint", None):
+        overrides["daemon.endpoints"] = args.endpoint
+    if getattr(args, "workers", None) is not None:
+        overrides["daemon.workers"] = args.workers
+    if getattr(args, "datadir", None):
+        overrides["engine.data_dir"] = args.datadir
+    return overrides
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    from walredod.config import load_settings
+    from walredod.supervisor import Supervisor
+
+    settings = load_settings(args.config, _overrides(args))
+    return Supervisor(settings, args.config, _overrides(args)).run()
+
+
+def check_config(args: argparse.Namespace) -> int:
+    from walredod.config import load_settings
+
+    settings = load_settings(args.config, _overrides(args))
+    print(f"{args.config or 'defaults'}: ok")
+    if args.verbose:
+        print(settings.model_dump_json(indent=2))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Each worker's state, pid, child pid, requests served and restarts."""
+    from walredod.client import RedoClient
+    from walredod.config import load_settings
+
+    endpoint = args.endpoint[0] if args.endpoint else load_settings(args.config).daemon.endpoints[0]
+    with RedoClient(endpoint) as client:
+        state = client.status(timeout=args.timeout)
+    print(f"supervisor {state['pid']}: {state['pending']} requests pending, {state['waiting']} waiting"
+          f"{', stopping' if state['stopping'] else ''}")
+    print(f"{'slot':>4} {'state':<10} {'pid':>8} {'child':>8} {'in flight':>9} {'served':>10}  restarts")
+    for w in state["workers"]:
+        restarts = ", ".join(f"{cause}: {n}" for cause, n in w["restarts"].items()) or "-"
+        print(f"{w['slot']:>4} {w['state']:<10} {w['pid'] or '-':>8} {w['child_pid'] or '-':>8} "
+              f"{w['in_flight']:>9} {w['served']:>10}  {restarts}; redo children replaced: {w['child_restarts']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="walredod", description="WAL redo daemon for disaggregated PostgreSQL")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -45,6 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pings", type=int, default=1000)
     p.set_defaults(func=doctor)
 
+    def daemon_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="TOML configuration file (default: embedded defaults)")
+        p.add_argument("--endpoint", action="append", help="client endpoint, e.g. ipc:///run/walredod/walredod.sock "
+                       "or tcp://127.0.0.1:5555 (repeatable; replaces the configured ones)")
+
+    p = commands.add_parser("serve", help="run the daemon: a supervisor and N workers")
+    daemon_options(p)
+    p.add_argument("--workers", type=int, help="worker processes (0: one per CPU)")
+    p.add_argument("--datadir", type=Path, help="data directory for the workers' scratch clusters")
+    p.set_defaults(func=serve)
+
+    p = commands.add_parser("check-config", help="validate the configuration without starting")
+    daemon_options(p)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--datadir", type=Path)
+    p.set_defaults(func=check_config)
+
+    p = commands.add_parser("status", help="print each worker's state, pid, child pid, requests served, restarts")
+    daemon_options(p)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=status)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,3 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     except WalredodError as exc:
         print(f"walredod: {exc.code}: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"walredod: configuration: {exc}", file=sys.stderr)
+        return 2

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 def default_data_dir() -> Path:
@@ -57,3 +57,74 @@ class EngineSettings(Strict):
     shared_buffers_kb: int = Field(
         1024, ge=128, le=1024 * 1024, description="Child's shared_buffers; redo drop cost grows with it."
     )
+
+
+class DaemonSettings(Strict):
+    """How `walredod serve` listens, how many workers it runs, and how it heals them."""
+
+    endpoints: list[str] = Field(
+        default_factory=lambda: [default_endpoint()], min_length=1,
+        description="ZeroMQ endpoints clients connect to (ipc:// and/or tcp://).",
+    )
+    workers: int = Field(0, ge=0, le=256, description="Worker processes; 0 means one per CPU.")
+    worker_credit: int = Field(4, ge=1, le=64, description="Requests a worker may hold at once.")
+    spill_factor: float = Field(
+        0.25, ge=0, le=100,
+        description="A worker holding more than (1 + spill_factor) x the average load is passed over.",
+    )
+    heartbeat_interval: float = Field(1.0, gt=0, le=60, description="Seconds between heartbeats.")
+    heartbeat_liveness: int = Field(3, ge=1, le=100, description="Missed heartbeats before a worker is dead.")
+    restart_backoff_max: float = Field(30.0, gt=0, description="Longest wait before restarting a failing worker.")
+    max_failed_starts: int = Field(
+        5, ge=1, description="Worker starts in a row that may fail before its slot is reported down and parked.",
+    )
+    max_pending: int = Field(10_000, ge=1, description="Requests held at once; more are refused as unavailable.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=16 * 1024, description="Largest request accepted (all frames).",
+    )
+    shutdown_timeout: float = Field(10.0, ge=0, description="Seconds to finish in-flight requests on SIGTERM.")
+    metrics_address: str | None = Field(
+        None, description="host:port of the Prometheus metrics endpoint; none when unset.",
+    )
+
+
+class Settings(Strict):
+    """The whole configuration file: [daemon] and [engine]."""
+
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+
+def default_endpoint() -> str:
+    """An ipc socket in the runtime directory (systemd's RuntimeDirectory when set)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        runtime = "/run/walredod" if os.geteuid() == 0 else f"/tmp/walredod-{os.geteuid()}"
+    return f"ipc://{runtime.split(':')[0]}/walredod.sock"
+
+
+def load_settings(path: Path | None, overrides: dict | None = None) -> Settings:
+    """Read and validate a TOML file (or the defaults), then apply command-line overrides (dotted keys)."""
+    import tomli
+
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomli.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomli.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path or 'settings'}: {problems}") from None
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key and the reason."""

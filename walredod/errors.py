@@ -20,6 +20,12 @@ class InvalidRequest(WalredodError):
     code = "invalid_request"
 
 
+class UnsupportedVersion(InvalidRequest):
+    """The request speaks a version of the client protocol this daemon does not."""
+
+    code = "unsupported_version"
+
+
 class RedoFailed(WalredodError):
     """PostgreSQL's redo raised an error or crashed while applying the records."""
 
@@ -45,5 +51,6 @@ class Unavailable(WalredodError):
 
 
 ERROR_CLASSES: dict[str, type[WalredodError]] = {
-    cls.code: cls for cls in (WalredodError, InvalidRequest, RedoFailed, RedoTimeout, PoisonRequest, Unavailable)
+    cls.code: cls
+    for cls in (WalredodError, InvalidRequest, UnsupportedVersion, RedoFailed, RedoTimeout, PoisonRequest, Unavailable)
 }

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the daemon, on their own registry (several daemons may live in one test process)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("walredod.metrics")
+
+# From a ping-like 5 µs to a long history's second; Neon's redo histogram spans the same range.
+LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
+RECORD_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("walredod_requests", "Requests answered, by outcome (ok or error code).",
+                                ["status"], registry=self.registry)
+        self.latency = Histogram("walredod_request_seconds", "Time from accepting a request to its reply.",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.records = Histogram("walredod_records_per_request", "WAL records in a redo request.",
+                                 buckets=RECORD_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("walredod_queue_depth", "Requests waiting for a worker.", registry=self.registry)
+        self.in_flight = Gauge("walredod_worker_in_flight", "Requests held by a worker.", ["slot"],
+                               registry=self.registry)
+        self.restarts = Counter("walredod_worker_restarts", "Workers that ended and were replaced, by cause.",
+                                ["cause"], registry=self.registry)
+        self._server = None
+
+    def observe(self, status: str, seconds: float, records: int) -> None:
+        self.requests.labels(status=status).inc()
+        if status == "ok":
+            self.latency.observe(seconds)
+            self.records.observe(records)
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        server = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self._server = server[0] if isinstance(server, tuple) else server
+        log.info("metrics on http://%s/metrics", address)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

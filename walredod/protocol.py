@@ -1,0 +1,147 @@
+"""The client wire protocol: ZeroMQ multipart messages between pageservers and the daemon (docs/client-protocol.md).
+
+A request is an empty delimiter frame, a fixed-size header, the base image, the records' end LSNs, then one frame per
+raw record. Pages and records travel as frames of their own, so neither side copies or re-encodes them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from walredod.errors import ERROR_CLASSES, InvalidRequest, UnsupportedVersion, WalredodError
+from walredod.types import BLCKSZ, BufferTag, WalRecord
+
+MAGIC = b"WR"
+VERSION = 1
+KIND_REDO = 1
+KIND_PING = 2
+KIND_STATUS = 3  # answered by the supervisor: its state as JSON
+OBJECT_RELATION_PAGE = 0
+
+# magic, version, kind, request id, timeout ms, lsn, object kind, then the relation page tag.
+REQUEST_HEADER = struct.Struct(">2sBBQIQBBIIII")
+REPLY_HEADER = struct.Struct(">2sBBQ")  # magic, version, status, request id
+MAX_RECORDS = 100_000
+
+STATUS_OK = 0
+STATUS_CODES = {
+    "invalid_request": 1, "redo_failed": 2, "timeout": 3, "poison": 4, "unavailable": 5, "internal": 6,
+    "unsupported_version": 7,
+}
+STATUS_NAMES = {number: name for name, number in STATUS_CODES.items()}
+_lsn_array_cache: dict[int, struct.Struct] = {}
+
+
+@dataclass(slots=True)
+class Request:
+    """A decoded request. ``base_image`` and ``records`` are the frames' own buffers, not copies."""
+
+    request_id: int
+    kind: int
+    timeout_ms: int
+    lsn: int
+    tag: BufferTag | None
+    base_image: memoryview | bytes | None
+    records: list[WalRecord]
+
+
+def _lsn_array(count: int) -> struct.Struct:
+    packer = _lsn_array_cache.get(count)
+    if packer is None:
+        packer = struct.Struct(f">{count}Q")
+        if count <= 256:
+            _lsn_array_cache[count] = packer
+    return packer
+
+
+def encode_redo_request(request_id: int, tag: BufferTag, lsn: int, base_image: bytes | None,
+                        records: Sequence[WalRecord], timeout_ms: int = 0) -> list:
+    """The frames of a redo request (after the empty delimiter)."""
+    header = REQUEST_HEADER.pack(MAGIC, VERSION, KIND_REDO, request_id, timeout_ms, lsn, OBJECT_RELATION_PAGE,
+                                 tag.forknum, tag.spcnode, tag.dbnode, tag.relnode, tag.blkno)
+    lsns = _lsn_array(len(records)).pack(*(r[0] for r in records))  # WalRecord or plain (lsn, data) pairs
+    return [b"", header, base_image if base_image is not None else b"", lsns, *(r[1] for r in records)]
+
+
+def encode_ping(request_id: int, kind: int = KIND_PING) -> list:
+    """A ping (or, with ``kind=KIND_STATUS``, a status request): answered by the supervisor itself."""
+    return [b"", REQUEST_HEADER.pack(MAGIC, VERSION, kind, request_id, 0, 0, 0, 0, 0, 0, 0, 0)]
+
+
+def peek_request_id(frames: Sequence) -> int | None:
+    """The request id of a message that may be malformed, so that even an error reply names its request."""
+    if len(frames) >= 2 and len(frames[1]) >= 12 and bytes(frames[1][:2]) == MAGIC:
+        return struct.unpack_from(">Q", frames[1], 4)[0]
+    return None
+
+
+def decode_request(frames: Sequence, records: bool = True) -> Request:
+    """Check and decode a request's frames (delimiter first). Raises InvalidRequest naming what is wrong.
+
+    With ``records=False`` the frames are checked but the records are not unpacked (the supervisor's cheap look).
+    """
+    if len(frames) < 2 or len(frames[0]) != 0:
+        raise InvalidRequest("a request starts with an empty delimiter frame, then the header frame")
+    header = frames[1]
+    if len(header) < 4 or bytes(header[:2]) != MAGIC:
+        raise InvalidRequest("the header frame does not start with the magic bytes 'WR'")
+    if header[2] != VERSION:
+        raise UnsupportedVersion(f"protocol version {header[2]} is not supported; this daemon speaks {VERSION}")
+    if len(header) != REQUEST_HEADER.size:
+        raise InvalidRequest(f"the header frame is {len(header)} bytes, expected {REQUEST_HEADER.size}")
+    (_magic, _version, kind, request_id, timeout_ms, lsn, object_kind,
+     forknum, spcnode, dbnode, relnode, blkno) = REQUEST_HEADER.unpack(header)
+    if kind in (KIND_PING, KIND_STATUS):
+        if len(frames) != 2:
+            raise InvalidRequest("a ping or status request has only the header frame")
+        return Request(request_id, kind, timeout_ms, 0, None, None, [])
+    if kind != KIND_REDO:
+        raise InvalidRequest(f"unknown request kind {kind}")
+    if object_kind != OBJECT_RELATION_PAGE:
+        raise InvalidRequest(f"unknown object kind {object_kind}")
+    if forknum > 3:
+        raise InvalidRequest(f"fork number {forknum} is not 0 to 3")
+    if len(frames) < 4:
+        raise InvalidRequest(f"a redo request has at least 4 frames (delimiter, header, base image, LSNs), "
+                             f"got {len(frames)}")
+    base = frames[2]
+    if len(base) not in (0, BLCKSZ):
+        raise InvalidRequest(f"the base image frame is {len(base)} bytes: a page is {BLCKSZ} (or empty for none)")
+    lsn_frame = frames[3]
+    count = len(frames) - 4
+    if count > MAX_RECORDS:
+        raise InvalidRequest(f"{count} records in one request; at most {MAX_RECORDS}")
+    if len(lsn_frame) != 8 * count:
+        raise InvalidRequest(f"the LSN frame holds {len(lsn_frame) // 8} end LSNs for {count} record frames")
+    tag = BufferTag(spcnode, dbnode, relnode, forknum, blkno)
+    if not records:
+        return Request(request_id, kind, timeout_ms, lsn, tag, None, [])
+    lsns = _lsn_array(count).unpack(lsn_frame)
+    wal_records = [WalRecord(lsns[i], frames[4 + i]) for i in range(count)]
+    return Request(request_id, kind, timeout_ms, lsn, tag, base if len(base) else None, wal_records)
+
+
+def encode_reply(request_id: int, page) -> list:
+    return [b"", REPLY_HEADER.pack(MAGIC, VERSION, STATUS_OK, request_id), page]
+
+
+def encode_error(request_id: int, error: WalredodError) -> list:
+    status = STATUS_CODES.get(error.code, STATUS_CODES["internal"])
+    return [b"", REPLY_HEADER.pack(MAGIC, VERSION, status, request_id), str(error).encode("utf-8", "replace")]
+
+
+def decode_reply(frames: Sequence) -> tuple[int, int, bytes]:
+    """(request id, status, page or error message) of a reply (delimiter first)."""
+    if len(frames) != 3 or len(frames[0]) != 0 or len(frames[1]) != REPLY_HEADER.size:
+        raise InvalidRequest(f"malformed reply of {len(frames)} frames")
+    magic, version, status, request_id = REPLY_HEADER.unpack(frames[1])
+    if magic != MAGIC or version != VERSION:
+        raise InvalidRequest(f"reply of an unknown protocol ({magic!r} version {version})")
+    return request_id, status, frames[2]
+
+
+def error_for(status: int, message: bytes) -> WalredodError:
+    cls = ERROR_CLASSES.get(STATUS_NAMES.get(status, "internal"), WalredodError)
+    return cls(bytes(message).decode("utf-8", "replace"))

@@ -128,6 +128,8 @@ static uint64 stat_busy_ns;
 static uint64 request_started_ns;
 
 static int64 blocks_written_at_start;
+static bool walredod_source_logs_hint_bits = false;
+static XLogRecPtr wal_insert_at_start;
 
 static void serve(void) pg_attribute_noreturn();
 
@@ -263,6 +265,15 @@ finish_request(void)
 	if (pgBufferUsage.shared_blks_written != blocks_written_at_start)
 		ereport(ERROR,
 				(errmsg("walredod: a buffer was written to disk during redo; refusing to continue")));
+
+	/*
+	 * Redo must not write WAL of its own: with wal_log_hints on, a hint-bit
+	 * change would log a page image into the scratch cluster and stamp the
+	 * page with its LSN.
+	 */
+	if (GetXLogInsertRecPtr() != wal_insert_at_start)
+		ereport(ERROR,
+				(errmsg("walredod: redo wrote WAL into the scratch cluster; refusing to continue")));
 }
 
 /*
@@ -520,6 +531,60 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 	return nused;
 }
 
+/* Pin the target's buffer, most often still the one 'B' loaded. */
+static Buffer
+pin_target(void)
+{
+	if (ReadRecentBuffer(scratch_rnode, target.fork, target.blkno, target.buffer))
+		return target.buffer;
+	return ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
+									 RBM_NORMAL_NO_LOG, NULL, true);
+}
+
+/*
+ * Would heap visibility redo stamp the target page with the record's LSN on
+ * a server that logs hint bits?  PostgreSQL's heap_xlog_visible does so for
+ * the heap block (block 1) when XLogHintBitIsNeeded() and the block needs
+ * redo.  Our scratch cluster cannot run with wal_log_hints on (redo's free
+ * space map updates would then write WAL of their own), so when the WAL's
+ * source logged hint bits we apply that one step ourselves.
+ */
+static bool
+visible_needs_lsn_stamp(XLogRecPtr end_lsn)
+{
+	DecodedBkpBlock *heap_block;
+	Buffer		buf;
+	XLogRecPtr	page_lsn;
+
+	if (!walredod_source_logs_hint_bits ||
+		decoded->header.xl_rmid != RM_HEAP2_ID ||
+		(decoded->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
+		decoded->max_block_id < 1)
+		return false;
+	heap_block = &decoded->blocks[1];
+	if (!heap_block->in_use || heap_block->apply_image ||
+		!RelFileNodeEquals(heap_block->rnode, scratch_rnode) ||
+		heap_block->forknum != target.fork || heap_block->blkno != target.blkno)
+		return false;
+
+	buf = pin_target();
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	page_lsn = PageGetLSN(BufferGetPage(buf));
+	UnlockReleaseBuffer(buf);
+	return page_lsn < end_lsn;	/* else redo finds the block already done */
+}
+
+static void
+stamp_target_lsn(XLogRecPtr end_lsn)
+{
+	Buffer		buf = pin_target();
+
+	LockBuffer(buf, BUFFER_LOCK_EXCLUSIVE);
+	PageSetLSN(BufferGetPage(buf), end_lsn);
+	MarkBufferDirty(buf);
+	UnlockReleaseBuffer(buf);
+}
+
 /* 'A': verify, decode and replay one record against the target. */
 static void
 apply_record(const char *body, uint32 len)
@@ -531,6 +596,7 @@ apply_record(const char *body, uint32 len)
 	char	   *errormsg = NULL;
 	RelFileNode used[NUM_DUMMY_RELS];
 	bool		scratch_main_used;
+	bool		stamp_lsn;
 	int			nused;
 	size_t		needed;
 	MemoryContext oldcontext;
@@ -605,11 +671,14 @@ apply_record(const char *body, uint32 len)
 	reader->EndRecPtr = end_lsn;
 
 	nused = remap_blocks(used, &scratch_main_used);
+	stamp_lsn = visible_needs_lsn_stamp(end_lsn);
 
 	oldcontext = MemoryContextSwitchTo(redo_context);
 	GetRmgr(decoded->header.xl_rmid).rm_redo(reader);
 	MemoryContextSwitchTo(oldcontext);
 	MemoryContextReset(redo_context);
+	if (stamp_lsn)
+		stamp_target_lsn(end_lsn);
 
 	/*
 	 * Pages of other blocks must not outlive the record: a stale one would
@@ -660,11 +729,7 @@ get_page(const char *body, uint32 len)
 				 errmsg("walredod: 'G' message body is %u bytes, expected %d", len, WIRE_TAG_LEN)));
 	check_tag_is_target(body, 'G');
 
-	if (!ReadRecentBuffer(scratch_rnode, target.fork, target.blkno, target.buffer))
-		buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
-										RBM_NORMAL_NO_LOG, NULL, true);
-	else
-		buf = target.buffer;
+	buf = pin_target();
 	LockBuffer(buf, BUFFER_LOCK_SHARE);
 	memcpy(page.data, BufferGetPage(buf), BLCKSZ);
 	UnlockReleaseBuffer(buf);
@@ -871,6 +936,7 @@ take_over(void)
 	{
 		prepare_scratch_relations();
 		blocks_written_at_start = pgBufferUsage.shared_blks_written;
+		wal_insert_at_start = GetXLogInsertRecPtr();
 		serve();
 	}
 	PG_CATCH();
@@ -890,6 +956,15 @@ _PG_init(void)
 							 "Serve the WAL redo protocol on stdin/stdout.",
 							 "Only for a single-user backend started by walredod.",
 							 &walredod_serve,
+							 false,
+							 PGC_SU_BACKEND,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("walredod.source_logs_hint_bits",
+							 "The WAL comes from a cluster with wal_log_hints or data checksums.",
+							 "Heap visibility records then stamp the heap page with their LSN.",
+							 &walredod_source_logs_hint_bits,
 							 false,
 							 PGC_SU_BACKEND,
 							 0,

@@ -49,6 +49,11 @@ class EngineSettings(Strict):
         description="Unprivileged user the children run as when we are root (PostgreSQL refuses root); "
         "default 'walredod'. Ignored when not root.",
     )
+    source_logs_hint_bits: bool = Field(
+        False,
+        description="True when the WAL comes from a cluster with wal_log_hints = on or data checksums: "
+        "PostgreSQL's recovery then stamps the heap page of a visibility record with its LSN, and so do we.",
+    )
     request_timeout: float = Field(60.0, gt=0, description="Seconds a child may take for one request.")
     start_timeout: float = Field(30.0, gt=0, description="Seconds a child may take to start and answer a ping.")
     keep_spare: bool = Field(

@@ -225,7 +225,8 @@ class RedoEngine:
             slot = self._free_slots.pop() if self._free_slots else self._new_slot()
             argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
                     "-c", f"session_preload_libraries={self._extension}",
-                    "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB"]
+                    "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
+                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}"]
             for guc in _CHILD_GUCS:
                 argv += ["-c", guc]
             argv.append("postgres")

@@ -36,7 +36,10 @@ class DumpedRecord:
 
 
 def waldump(wal_dir: Path, start_lsn: int, end_lsn: int | None = None) -> tuple[list[DumpedRecord], int | None]:
-    """Records pg_waldump -b reads from ``start_lsn``, and the LSN where it found valid WAL to end (if it did)."""
+    """Records pg_waldump -b reads from ``start_lsn``, and the LSN where it found valid WAL to end (if it did).
+
+    That LSN is where reading failed: a record's start, or the start of the page a torn record should continue on.
+    """
     argv = [str(PG_BINDIR / "pg_waldump"), "-b", "-p", str(wal_dir), "-s", format_lsn(start_lsn)]
     if end_lsn is not None:
         argv += ["-e", format_lsn(end_lsn)]
@@ -56,5 +59,13 @@ def waldump(wal_dir: Path, start_lsn: int, end_lsn: int | None = None) -> tuple[
             raise AssertionError(f"unexpected pg_waldump line: {line!r}")
     # pg_waldump names the last good record, then the reason, which holds the LSN where reading failed.
     end = _END.search(result.stderr)
-    failed_at = re.search(r" at ([0-9A-F]+/[0-9A-F]+)", end["reason"]) if end else None
-    return records, parse_lsn(failed_at[1]) if failed_at else None
+    if end is None:
+        return records, None
+    if failed_at := re.search(r" at ([0-9A-F]+/[0-9A-F]+)", end["reason"]):
+        return records, parse_lsn(failed_at[1])
+    if in_segment := re.search(r"in log segment ([0-9A-F]{24}), offset (\d+)", end["reason"]):
+        name, offset = in_segment[1], int(in_segment[2])
+        segment_size = (Path(wal_dir) / name).stat().st_size
+        segno = int(name[8:16], 16) * (0x1_0000_0000 // segment_size) + int(name[16:24], 16)
+        return records, segno * segment_size + offset
+    raise AssertionError(f"cannot tell where pg_waldump stopped: {end['reason']}")

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real PostgreSQL 15 scenario (built once per session) and a redo engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (waldump, records)
+
+from walredod.groundtruth.cluster import PgCluster, pg_available  # noqa: E402
+
+REPORTS: list[str] = []  # tables printed at the end of the run (pages checked per rmgr, ...)
+
+
+def world_traversable_tmpdir(prefix: str) -> Path:
+    """A temp dir the unprivileged PostgreSQL user can reach (pytest's own tmp dirs are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scenario():
+    if not pg_available():
+        pytest.fail("PostgreSQL 15 binaries are missing: run the README's set-up (make setup)")
+    from walredod.groundtruth.scenario import build_scenario
+
+    built = build_scenario(world_traversable_tmpdir("walredod-scenario-"))
+    REPORTS.append(f"ground-truth scenario: {built.describe()}")
+    return built
+
+
+@pytest.fixture(scope="session")
+def small_wal():
+    """WAL with 1 MB segments (records cross segments; a segment switch) from a short real workload."""
+    root = world_traversable_tmpdir("walredod-smallwal-")
+    cluster = PgCluster(root / "data", root / "sockets")
+    cluster.initdb(wal_segsize_mb=1)
+    cluster.start()
+    try:
+        cluster.sql("CREATE TABLE t (id int PRIMARY KEY, v text); CHECKPOINT;")
+        cluster.sql("INSERT INTO t SELECT g, repeat('x', g % 500) FROM generate_series(1, 20000) g")
+        cluster.sql("SELECT pg_switch_wal()")
+        cluster.sql("CHECKPOINT; UPDATE t SET v = v || 'y' WHERE id % 3 = 0")
+        cluster.sql("CREATE INDEX t_v ON t (v)")
+    finally:
+        cluster.stop("immediate")
+    return cluster.datadir / "pg_wal"
+
+
+@pytest.fixture(scope="session")
+def engine_data_dir():
+    return world_traversable_tmpdir("walredod-engine-")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for report in REPORTS:
+        terminalreporter.write_line(report)

@@ -3,11 +3,14 @@ PYTHON ?= python3
 
 .PHONY: setup run test bench clean
 
+# The daemon stops on ^C (SIGINT) or SIGTERM, answering what is in flight.
+
 setup:
 	@scripts/setup.sh
 
 run: setup
-	$(PYTHON) -m walredod doctor
+	$(PYTHON) -m walredod doctor --pings 200
+	$(PYTHON) -m walredod serve
 
 test: setup
 	$(PYTHON) -m pytest -q

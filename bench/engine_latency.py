@@ -114,12 +114,14 @@ def memory_of(pid: int) -> dict[str, float]:
     current = ""
     with open(f"/proc/{pid}/smaps") as smaps:
         for line in smaps:
-            first = line.split(None, 1)[0]
+            parts = line.split()
+            first = parts[0]
             if not first.endswith(":"):  # a mapping's header line: address range, perms, ..., path
-                parts = line.split()
                 current = " ".join(parts[5:]) if len(parts) > 5 else ""
                 continue
-            kb = int(line.split()[1])
+            if parts[-1] != "kB":
+                continue  # VmFlags and the like
+            kb = int(parts[1])
             if first == "Rss:":
                 total += kb
                 if current.startswith("/dev/zero") or current.startswith("/SYSV") or "shmem" in current:
@@ -135,7 +137,7 @@ def run_placement(name: str, caller_cpus: set[int], child_cpus: set[int] | None,
                   iterations: int, catcher: ChildStatsCatcher) -> dict:
     os.sched_setaffinity(0, caller_cpus)
     rows = {}
-    with RedoEngine(data_dir=data_dir, keep_spare=False) as engine:
+    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False) as engine:
         if child_cpus is not None:
             os.sched_setaffinity(engine.child_pid, child_cpus)
         time_pings(engine, 500)
@@ -147,7 +149,7 @@ def run_placement(name: str, caller_cpus: set[int], child_cpus: set[int] | None,
         if not requests:
             continue
         # A child per row, so its exit line gives this row's time inside the child.
-        with RedoEngine(data_dir=data_dir, keep_spare=False) as engine:
+        with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False) as engine:
             pid = engine.child_pid
             if child_cpus is not None:
                 os.sched_setaffinity(pid, child_cpus)
@@ -171,7 +173,7 @@ def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int) -> dict
     os.sched_setaffinity(0, {cpu})
     tag, lsn, base, records = by_count[2][0]
     result = {}
-    with RedoEngine(data_dir=data_dir, keep_spare=False) as engine:
+    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False) as engine:
         starts = []
         for _ in range(20):
             victim = engine.child_pid
@@ -181,10 +183,11 @@ def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int) -> dict
             engine.redo(tag, lsn, base, records)
             starts.append((time.perf_counter_ns() - t0) / 1e6)
         result["start_to_first_page_ms"] = {"p50": statistics.median(starts), "max": max(starts)}
-    with RedoEngine(data_dir=data_dir, keep_spare=True) as engine:
+    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=True) as engine:
         steady = time_requests(engine, [by_count[2][0]], 2000)
         firsts = []
         for _ in range(20):
+            engine.start_spare()  # the idle-time step the daemon's worker takes
             time.sleep(0.3)  # let the new spare finish starting
             engine.ping()
             os.kill(engine.child_pid, signal.SIGKILL)

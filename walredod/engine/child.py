@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from walredod.engine.pipe import PING
+from walredod.engine.pipe import PING, WARMUP
 from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BLCKSZ
 
@@ -32,8 +32,12 @@ class ChildDied(Exception):
         self.error = error
 
 
-class ChildGone(ChildDied):
-    """The child was already dead when a request was written to it: the request was not seen, it may be retried."""
+class ChildGone(Exception):
+    """The child was already dead when a request was written to it: the request was not seen, it may be retried.
+
+    Why it died is not asked here (that means waiting for its exit and its last words); ``RedoChild.death_error``
+    tells, later.
+    """
 
 
 class RedoChild:
@@ -56,7 +60,7 @@ class RedoChild:
         self._stdout = self.process.stdout.fileno()
         self._poll = select.poll()
         self._poll.register(self._stdout, select.POLLIN)
-        self._ping_pending = False
+        self._replies_pending = 0
         threading.Thread(target=self._forward_stderr, name=f"{name}-stderr", daemon=True).start()
 
     def _forward_stderr(self) -> None:
@@ -71,16 +75,16 @@ class RedoChild:
 
     # --- requests -----------------------------------------------------------------------------------------------
 
-    def send_ping(self) -> None:
-        """Ask for a ping reply without waiting for it: the child answers once it is up."""
-        self._write(PING)
-        self._ping_pending = True
+    def send_warmup(self) -> None:
+        """Ask for a ping and a warm-up redo without waiting: the child answers once it is up."""
+        self._write(PING + WARMUP)
+        self._replies_pending = 2
 
     def wait_ready(self, timeout: float) -> None:
-        """Consume the pending ping reply: the child has started and serves requests."""
-        if self._ping_pending:
+        """Consume the pending replies: the child has started, and has been through redo once."""
+        while self._replies_pending:
             self.read_page(timeout)
-            self._ping_pending = False
+            self._replies_pending -= 1
 
     def request(self, message: bytes, timeout: float) -> bytes:
         self._write(message)
@@ -94,7 +98,7 @@ class RedoChild:
                 while written < len(data):
                     written += os.write(self._stdin, view[written:])
         except (BrokenPipeError, ConnectionResetError):
-            raise ChildGone(self._death_error()) from None
+            raise ChildGone() from None
 
     def read_page(self, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
@@ -107,7 +111,7 @@ class RedoChild:
                 raise ChildDied(RedoTimeout(f"redo child {self.pid} gave no answer within {timeout:g} s"))
             chunk = os.read(self._stdout, BLCKSZ - got)
             if not chunk:
-                raise ChildDied(self._death_error())
+                raise ChildDied(self.death_error())
             chunks.append(chunk)
             got += len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -142,7 +146,7 @@ class RedoChild:
             except OSError:
                 pass
 
-    def _death_error(self) -> WalredodError:
+    def death_error(self) -> WalredodError:
         """Why the child ended, from its exit status and the last error it wrote."""
         try:
             status = self.process.wait(5.0)

@@ -85,6 +85,8 @@ class RedoEngine:
         self._slot_of: dict[int, Path] = {}
         self._active: RedoChild | None = None
         self._spare: RedoChild | None = None
+        self._spare_wanted = False
+        self._dead: list[RedoChild] = []  # killed children not yet reaped
         self._closed = False
         if settings.kind == "vanilla":
             self._data = DataDirectory(settings, self._run_as)
@@ -145,6 +147,7 @@ class RedoEngine:
             if child is not None:
                 child.close()
         self._active = self._spare = None
+        self._bury_dead()
         for slot in self._all_slots:
             shutil.rmtree(slot, ignore_errors=True)
         self._all_slots.clear()
@@ -166,14 +169,16 @@ class RedoEngine:
         if self._closed:
             raise Unavailable("the redo engine is closed")
         timeout = timeout if timeout is not None else self.settings.request_timeout
+        if self._spare_wanted or self._dead:
+            self.start_spare()
         for _attempt in range(2):
             child = self._active or self._take_over()
             try:
                 return child.request(message, timeout)
-            except ChildGone as gone:
+            except ChildGone:
                 # Died while idle: it never saw this request, so the next child may serve it.
                 self._child_died(child, "died idle")
-                last = gone
+                last = child
                 continue
             except ChildDied as death:
                 self.stats.errors += 1
@@ -181,24 +186,45 @@ class RedoEngine:
                 self._child_died(child, cause)
                 raise death.error from None
         self.stats.errors += 1
-        raise last.error
+        raise last.death_error()
 
     def _child_died(self, child: RedoChild, cause: str) -> None:
+        """Forget a dead (or hung) child. It is reaped and its slot reused later, off the request's path."""
         log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
         self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
-        child.kill()
-        child.close()
-        self._release_slot(child)
+        if cause != "died idle":  # an idle child that hung up is already dead; reaping it can wait
+            child.kill()
+        self._dead.append(child)
         if child is self._active:
             self._active = None
         if child is self._spare:
             self._spare = None
 
+    def _bury_dead(self) -> None:
+        for child in self._dead:
+            child.close()
+            self._release_slot(child)
+        self._dead.clear()
+
+    def start_spare(self) -> None:
+        """Start the spare child if it is missing. A takeover leaves this to the next request or to the caller's
+        idle time (the daemon's worker calls it when its queue is empty), so the request that found its child dead
+        pays neither the fork nor the new child's start-up on its CPU."""
+        if self._dead:
+            self._bury_dead()
+        if self._spare_wanted and not self._closed:
+            self._spare_wanted = False
+            try:
+                self._spare = self._start_child()
+            except Unavailable as exc:
+                log.error("%s: could not start a spare redo child: %s", self.name, exc)
+
     def _take_over(self) -> RedoChild:
-        """Promote the spare (or start a child now, if there is none) and start a new spare."""
+        """Promote the spare (or start a child now, if there is none); a new spare starts in the background."""
         for _attempt in range(2):
             child, self._spare = self._spare, None
             if child is None:
+                self._bury_dead()  # frees the dead child's datadir for the new one
                 child = self._start_child()
             try:
                 child.wait_ready(self.settings.start_timeout)
@@ -207,11 +233,7 @@ class RedoEngine:
                 error = death.error
                 continue
             self._active = child
-            if self.settings.keep_spare:
-                try:
-                    self._spare = self._start_child()
-                except Unavailable as exc:
-                    log.error("%s: could not start a spare redo child: %s", self.name, exc)
+            self._spare_wanted = self.settings.keep_spare
             return child
         raise Unavailable(f"the redo child could not start: {error}")
 
@@ -242,7 +264,7 @@ class RedoEngine:
             self._slot_of[child.pid] = slot
         self.stats.children_started += 1
         try:
-            child.send_ping()
+            child.send_warmup()
         except ChildGone:
             pass  # wait_ready reports it
         return child

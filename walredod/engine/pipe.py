@@ -7,6 +7,8 @@ forknum u8, spcnode, dbnode, relnode, blkno u32, big-endian. Only 'G' and 'H' ar
 from __future__ import annotations
 
 import struct
+
+import crc32c
 from collections.abc import Sequence
 
 from walredod.types import BLCKSZ, BufferTag, WalRecord
@@ -17,6 +19,23 @@ _HEADER = struct.Struct(">cI")
 _RECORD_HEADER = struct.Struct(">cIQ")
 
 PING = _HEADER.pack(b"H", 4)
+
+# A full-page-image record (rmgr XLOG, info XLOG_FPI) for one block of an otherwise unused relation: replaying it
+# once walks a new child through decoding, buffer and redo code, so its first real request finds them in memory.
+_WARMUP_TAG = BufferTag(1663, 1, 1, 0, 0)
+_WARMUP_END_LSN = 0x100_0000
+
+
+def _warmup_request() -> bytes:
+    page = bytearray(BLCKSZ)
+    struct.pack_into("<IIHHHHHH", page, 0, 0, 1, 0, 0, 24, BLCKSZ, BLCKSZ, BLCKSZ | 4)
+    body = (struct.pack("<BBH", 0, 0x10, 0)  # block 0: main fork, has image, no data
+            + struct.pack("<HHB", BLCKSZ, 0, 0x02)  # image: whole page, no hole, apply
+            + struct.pack("<IIII", *_WARMUP_TAG[:3], _WARMUP_TAG.blkno) + bytes(page))
+    header = struct.pack("<IIQBB2x", 24 + len(body), 0, 0, 0xA0, 0)
+    crc = crc32c.crc32c(header, crc32c.crc32c(body))
+    record = header + struct.pack("<I", crc) + body
+    return encode_request(_WARMUP_TAG, None, [WalRecord(_WARMUP_END_LSN, record)])
 
 
 def encode_tag(tag: BufferTag) -> bytes:
@@ -39,3 +58,6 @@ def encode_request(tag: BufferTag, base_image: bytes | None, records: Sequence[W
     parts.append(b"G")
     parts.append(begin[1:])  # same length and tag as 'B'
     return b"".join(parts)
+
+
+WARMUP = _warmup_request()

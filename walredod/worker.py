@@ -56,6 +56,7 @@ class Worker:
         self.credit = credit
         self.heartbeat_interval = heartbeat_interval
         self.requests = 0
+        self._reported_child: int | None = None
         self.engine = RedoEngine(engine_settings, name=f"worker-{slot}")
         self.context = zmq.Context(1)
         self.socket = self.context.socket(zmq.DEALER)
@@ -69,10 +70,12 @@ class Worker:
         send([READY, READY_BODY.pack(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit)])
         last_sent = time.monotonic()
         while True:
-            if not self.socket.poll(self.heartbeat_interval * 1000):
-                send([HEARTBEAT, self._heartbeat_body()])
-                last_sent = time.monotonic()
-                continue
+            if not self.socket.poll(0):
+                self.engine.start_spare()  # idle: replace a spare used up by a takeover
+                if not self.socket.poll(self.heartbeat_interval * 1000):
+                    send([HEARTBEAT, self._heartbeat_body()])
+                    last_sent = time.monotonic()
+                    continue
             frames = recv(copy=False)
             command = frames[0].bytes
             if command == REQUEST:
@@ -83,12 +86,14 @@ class Worker:
                 last_sent = time.monotonic()
             elif command == STOP:
                 return
-            if time.monotonic() - last_sent >= self.heartbeat_interval:
+            child_changed = self.engine.child_pid != self._reported_child
+            if child_changed or time.monotonic() - last_sent >= self.heartbeat_interval:
                 send([HEARTBEAT, self._heartbeat_body()])
                 last_sent = time.monotonic()
 
     def _heartbeat_body(self) -> bytes:
         restarts = sum(self.engine.stats.restarts.values())
+        self._reported_child = self.engine.child_pid
         return HEARTBEAT_BODY.pack(self.requests, self.engine.child_pid or 0, restarts)
 
     def serve(self, frames: list, deadline: float) -> list:

@@ -1,0 +1,383 @@
+"""The daemon end to end: real WAL through the client library, faults under load, bad input, routing, operations.
+
+Every test talks to a real `walredod serve` process (supervisor, workers, redo children) over ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zmq
+
+from conftest import world_traversable_tmpdir
+from walredod import protocol
+from walredod.client import AsyncRedoClient, RedoClient
+from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, UnsupportedVersion
+from walredod.groundtruth.cluster import read_page
+from walredod.ingest import page_histories
+from walredod.types import BLCKSZ, BufferTag, WalRecord
+from walredod.wal import WalReader, decode_record
+
+CONFIG = """
+[daemon]
+workers = {workers}
+heartbeat_interval = 0.2
+max_pending = 2000
+max_request_bytes = 16777216
+metrics_address = "127.0.0.1:{metrics_port}"
+[engine]
+data_dir = "{data_dir}"
+source_logs_hint_bits = true
+request_timeout = 20
+"""
+
+
+class Daemon:
+    def __init__(self, root: Path, workers: int = 2, metrics_port: int = 19187):
+        self.root = root
+        self.endpoint = f"ipc://{root}/walredod.sock"
+        self.config = root / "walredod.toml"
+        self.metrics_port = metrics_port
+        self.write_config(workers)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "walredod", "serve", "--config", str(self.config), "--endpoint", self.endpoint],
+            env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING"})
+        self.client = RedoClient(self.endpoint, timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if all(w["state"] == "ready" for w in self.client.status(timeout=1)["workers"]):
+                    return
+            except Unavailable:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the daemon did not become ready")
+
+    def write_config(self, workers: int) -> None:
+        self.config.write_text(CONFIG.format(workers=workers, metrics_port=self.metrics_port,
+                                             data_dir=self.root / "data"))
+
+    def workers(self) -> list[dict]:
+        return self.client.status()["workers"]
+
+    def wait_ready(self, count: int, timeout: float = 30) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = self.workers()
+            if len(workers) == count and all(w["state"] == "ready" and w["child_pid"]
+                                             and Path(f"/proc/{w['child_pid']}").exists() for w in workers):
+                return workers
+            time.sleep(0.05)
+        raise AssertionError(f"workers not ready: {self.workers()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-"))
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def real_requests(scenario):
+    """(tag, lsn, base, records, expected) for pages of several relations, from real WAL."""
+    cut = scenario.cuts[1]
+    histories = page_histories(WalReader(scenario.wal_dir).records(), since_lsn=cut)
+    requests = []
+    for tag, history in sorted(histories.items()):
+        expected = read_page(scenario.final_dir, tag)
+        if tag.forknum in (0, 3) and expected is not None:
+            base = None if history.starts_empty else read_page(scenario.recovered[cut], tag)
+            requests.append((tag, history.lsn, base, history.wal_records(), expected))
+    return requests
+
+
+def check_all(results, requests):
+    for result, (_tag, _lsn, _base, _records, expected) in zip(results, requests, strict=True):
+        assert result == expected
+
+
+# --- serving ------------------------------------------------------------------------------------------------------
+
+def test_every_page_through_the_daemon_matches_postgres(daemon, real_requests):
+    assert len(real_requests) > 500
+    results = daemon.client.redo_many([r[:4] for r in real_requests])
+    check_all(results, real_requests)
+    tag, lsn, base, records, expected = real_requests[0]
+    assert daemon.client.redo(tag, lsn, base, records) == expected
+
+
+def test_async_client(daemon, real_requests):
+    async def run():
+        async with AsyncRedoClient(daemon.endpoint) as client:
+            return await client.redo_many([r[:4] for r in real_requests[:300]])
+
+    check_all(asyncio.run(run()), real_requests[:300])
+
+
+def test_one_relation_stays_on_one_worker_and_a_hot_one_spills(daemon, real_requests):
+    by_relation = {}
+    for request in real_requests:
+        by_relation.setdefault(request[0].relation, []).append(request)
+    same = max(by_relation.values(), key=len)[:5]
+    assert len(same) == 5
+    before = {w["slot"]: w["served"] for w in daemon.workers()}
+    for _ in range(40):
+        for tag, lsn, base, records, expected in same:
+            assert daemon.client.redo(tag, lsn, base, records) == expected
+    time.sleep(0.5)  # served counts travel with heartbeats
+    grew = {w["slot"]: w["served"] - before[w["slot"]] for w in daemon.workers()}
+    assert sorted(grew.values()) == [0, 200], grew  # sequential: always the relation's own worker
+
+    before = {w["slot"]: w["served"] for w in daemon.workers()}
+    check_all(daemon.client.redo_many([r[:4] for r in same] * 400), same * 400)  # 64 in flight: over the bound
+    time.sleep(0.5)
+    grew = {w["slot"]: w["served"] - before[w["slot"]] for w in daemon.workers()}
+    assert min(grew.values()) > 100, grew  # the hot relation used the whole pool
+
+
+def a_panicking_request(real_requests):
+    """A real heap insert at offset >= 2 applied to an empty page: heap redo PANICs ("invalid max offset")."""
+    for tag, _lsn, _base, records, _ in real_requests:
+        for record in records:
+            decoded = decode_record(record.data)
+            if (decoded.rmid == 10 and decoded.info & 0xF0 == 0x00 and decoded.blocks[0].tag == tag
+                    and int.from_bytes(decoded.main_data[:2], "little") >= 2):
+                page = bytearray(BLCKSZ)
+                page[12:18] = (24).to_bytes(2, "little") + BLCKSZ.to_bytes(2, "little") * 2
+                page[18:20] = (BLCKSZ | 4).to_bytes(2, "little")
+                return tag, record.lsn, bytes(page), [record]
+    raise AssertionError("no heap insert in the scenario")
+
+
+def test_poison_request(daemon, real_requests):
+    """A request whose redo kills its child, twice, is answered as poison; the daemon keeps serving."""
+    with pytest.raises(PoisonRequest, match="twice"):
+        daemon.client.redo(*a_panicking_request(real_requests))
+    check_all(daemon.client.redo_many([r[:4] for r in real_requests[:50]]), real_requests[:50])
+
+
+# --- faults under load --------------------------------------------------------------------------------------------
+
+def run_under_load(daemon, real_requests, fault, timeout=30.0):
+    """Pipeline every request from another thread while ``fault`` happens; returns (results, seconds)."""
+    outcome = {}
+
+    def load():
+        with RedoClient(daemon.endpoint, timeout=timeout) as client:
+            started = time.monotonic()
+            outcome["results"] = client.redo_many([r[:4] for r in real_requests * 2], return_exceptions=True)
+            outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    time.sleep(0.3)
+    fault()
+    thread.join(120)
+    return outcome["results"]
+
+
+def assert_answered(results, real_requests, allowed=()):
+    assert len(results) == 2 * len(real_requests)  # every request answered: none lost
+    for result, (*_, expected) in zip(results, real_requests * 2):
+        if isinstance(result, Exception):
+            assert isinstance(result, allowed), result
+        else:
+            assert result == expected
+
+
+def test_worker_killed_under_load(daemon, real_requests):
+    victim = daemon.workers()[0]["pid"]
+    results = run_under_load(daemon, real_requests, lambda: os.kill(victim, signal.SIGKILL))
+    assert_answered(results, real_requests)  # its requests went to the other worker: no error at all
+    workers = daemon.wait_ready(2, timeout=10)
+    assert victim not in [w["pid"] for w in workers]
+    assert sum(sum(w["restarts"].values()) for w in workers) >= 1
+
+
+def test_redo_child_killed_under_load(daemon, real_requests):
+    victim = daemon.wait_ready(2)[1]["child_pid"]
+    results = run_under_load(daemon, real_requests, lambda: os.kill(victim, signal.SIGKILL))
+    assert_answered(results, real_requests)  # a retried request lands on the warm spare
+    assert victim not in [w["child_pid"] for w in daemon.wait_ready(2)]
+
+
+def test_redo_child_stopped_past_the_timeout(daemon, real_requests):
+    victim = daemon.wait_ready(2)[0]["child_pid"]
+    os.kill(victim, signal.SIGSTOP)
+    tag, lsn, base, records, expected = next(r for r in real_requests
+                                             if r[0].relation == real_requests[0][0].relation)
+    try:
+        started = time.monotonic()
+        results = [daemon.client.redo_many([r[:4] for r in real_requests[:200]], timeout=2.0,
+                                           return_exceptions=True)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # normally killed already, as hung
+            os.kill(victim, signal.SIGCONT)
+    assert time.monotonic() - started < 15
+    flat = results[0]
+    errors = [r for r in flat if isinstance(r, Exception)]
+    assert errors and all(isinstance(e, RedoTimeout) for e in errors)
+    check_all([r for r in flat if not isinstance(r, Exception)],
+              [q for r, q in zip(flat, real_requests[:200]) if not isinstance(r, Exception)])
+    assert daemon.client.redo(tag, lsn, base, records) == expected  # resumed
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def raw(daemon):
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 10_000)
+    socket.connect(daemon.endpoint)
+    yield socket
+    socket.close()
+
+
+def reply_error(socket, frames):
+    socket.send_multipart(frames)
+    request_id, status, body = protocol.decode_reply(socket.recv_multipart())
+    assert status != protocol.STATUS_OK
+    return protocol.error_for(status, body)
+
+
+def test_malformed_frames(daemon, raw, real_requests):
+    tag, lsn, base, records, expected = real_requests[0]
+    good = protocol.encode_redo_request(7, tag, lsn, base, records)
+    cases = [
+        ([b"no delimiter", *good[1:]], InvalidRequest, "delimiter"),
+        ([b"", b"XX" + good[1][2:], *good[2:]], InvalidRequest, "magic"),
+        ([b"", good[1][:2] + bytes([9]) + good[1][3:], *good[2:]], UnsupportedVersion, "version 9"),
+        ([b"", good[1][:-1], *good[2:]], InvalidRequest, "header frame"),
+        ([b"", good[1], b"x" * 100, *good[3:]], InvalidRequest, "base image frame is 100 bytes"),
+        ([b"", good[1], good[2], good[3][:-8], *good[4:]], InvalidRequest, "LSN frame"),
+        ([b"", good[1], good[2], good[3], *good[4:], b"extra"], InvalidRequest, "LSN frame"),
+        ([b"", good[1], good[2], b"", ], None, None),  # no records: a valid request
+        ([b"", good[1], good[2], (1).to_bytes(8, "big"), b"x" * 10], InvalidRequest, "record 0"),
+        ([b"", good[1], b"", *protocol.encode_redo_request(7, tag, lsn, base, [WalRecord(lsn, b"z" * 9_000_000),
+                                                                             WalRecord(lsn, b"z" * 9_000_000)])[3:]],
+         InvalidRequest, "over the limit"),
+    ]
+    for frames, error, message in cases:
+        if error is None:
+            raw.send_multipart(frames)
+            assert protocol.decode_reply(raw.recv_multipart())[1] == protocol.STATUS_OK
+            continue
+        got = reply_error(raw, frames)
+        assert isinstance(got, error) and message in str(got), (message, got)
+    assert daemon.client.redo(tag, lsn, base, records) == expected
+
+
+def test_flood_past_the_limit(daemon, raw, real_requests):
+    """More requests at once than max_pending: the excess is refused as unavailable, everything is answered."""
+    tag, lsn, base, records, expected = real_requests[0]
+    count = 5000
+    for i in range(count):
+        raw.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
+    statuses = {}
+    for _ in range(count):
+        request_id, status, body = protocol.decode_reply(raw.recv_multipart())
+        statuses[request_id] = status
+        if status == protocol.STATUS_OK:
+            assert body == expected
+    assert len(statuses) == count
+    assert set(statuses.values()) <= {protocol.STATUS_OK, protocol.STATUS_CODES["unavailable"]}
+    assert protocol.STATUS_CODES["unavailable"] in statuses.values()
+    assert daemon.client.redo(tag, lsn, base, records) == expected
+
+
+# --- operations ---------------------------------------------------------------------------------------------------
+
+def test_metrics_endpoint(daemon):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'walredod_requests_total{status="ok"}' in text
+    assert "walredod_request_seconds_bucket" in text
+    assert "walredod_worker_restarts_total" in text
+
+
+def test_status_command(daemon):
+    out = subprocess.run([sys.executable, "-m", "walredod", "status", "--endpoint", daemon.endpoint],
+                         capture_output=True, text=True, check=True).stdout
+    assert "ready" in out and "slot" in out
+
+
+def test_reload_changes_the_worker_count(daemon, real_requests):
+    daemon.write_config(3)
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_ready(3)
+    check_all(daemon.client.redo_many([r[:4] for r in real_requests[:300]]), real_requests[:300])
+    daemon.write_config(2)
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_ready(2)
+
+
+def test_check_config_names_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nworkers = -1\nbogus = 1\n")
+    result = subprocess.run([sys.executable, "-m", "walredod", "check-config", "--config", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "daemon.workers" in result.stderr and "daemon.bogus" in result.stderr
+
+
+def postgres_pids(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"}
+
+
+def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
+    """Requests accepted before SIGTERM all get their reply (the page, or "unavailable" past the shutdown bound)."""
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-stop-"), metrics_port=19188)
+    pids = {pid for w in daemon.workers() for pid in (w["pid"], w["child_pid"])}
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    socket.connect(daemon.endpoint)
+    requests = real_requests[:400]
+    for i, (tag, lsn, base, records, _) in enumerate(requests):
+        socket.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
+    time.sleep(0.05)
+    daemon.process.send_signal(signal.SIGTERM)
+    answered = {}
+    for _ in requests:
+        request_id, status, body = protocol.decode_reply(socket.recv_multipart())
+        answered[request_id] = status
+        if status == protocol.STATUS_OK:
+            assert body == requests[request_id][4]
+        else:
+            assert status == protocol.STATUS_CODES["unavailable"], protocol.error_for(status, body)
+    socket.close()
+    assert len(answered) == len(requests)
+    assert daemon.process.wait(30) == 0
+    time.sleep(1)
+    assert not postgres_pids(pids)
+    daemon.client.close()
+
+
+def test_supervisor_killed_leaves_no_process(real_requests):
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-kill-"), metrics_port=19189)
+    pids = {pid for w in daemon.workers() for pid in (w["pid"], w["child_pid"])}
+    os.kill(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait()
+    deadline = time.monotonic() + 10
+    while postgres_pids(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not postgres_pids(pids)
+    daemon.client.close()

@@ -43,16 +43,20 @@ request_timeout = 20
 
 
 class Daemon:
-    def __init__(self, root: Path, workers: int = 2, metrics_port: int = 19187):
+    def __init__(self, root: Path, workers: int = 2, metrics_port: int = 19187, extra_config: str = "",
+                 wait: bool = True):
         self.root = root
         self.endpoint = f"ipc://{root}/walredod.sock"
         self.config = root / "walredod.toml"
         self.metrics_port = metrics_port
+        self.extra_config = extra_config
         self.write_config(workers)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "walredod", "serve", "--config", str(self.config), "--endpoint", self.endpoint],
             env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING"})
         self.client = RedoClient(self.endpoint, timeout=30)
+        if not wait:
+            return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -65,7 +69,7 @@ class Daemon:
 
     def write_config(self, workers: int) -> None:
         self.config.write_text(CONFIG.format(workers=workers, metrics_port=self.metrics_port,
-                                             data_dir=self.root / "data"))
+                                             data_dir=self.root / "data") + self.extra_config)
 
     def workers(self) -> list[dict]:
         return self.client.status()["workers"]
@@ -381,3 +385,24 @@ def test_supervisor_killed_leaves_no_process(real_requests):
         time.sleep(0.1)
     assert not postgres_pids(pids)
     daemon.client.close()
+
+
+def test_worker_that_cannot_start_is_parked_not_restarted_in_a_loop(real_requests):
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-broken-"), workers=1, metrics_port=19190,
+                    extra_config='postgres_bin = "/bin/false"\n', wait=False)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                workers = daemon.client.status(timeout=1)["workers"]
+            except Unavailable:
+                continue
+            if workers[0]["state"] == "down":
+                break
+            time.sleep(0.1)
+        assert workers[0]["state"] == "down", workers
+        assert sum(workers[0]["restarts"].values()) == 5  # max_failed_starts, with back-off in between
+        with pytest.raises(Unavailable, match="no worker can start"):
+            daemon.client.redo(*real_requests[0][:4])
+    finally:
+        daemon.stop()

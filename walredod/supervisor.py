@@ -380,6 +380,8 @@ class Supervisor:
             return "status"
         if request.kind == protocol.KIND_PING:
             return None
+        if self.slots and all(slot.parked for slot in self.slots.values()):
+            raise Unavailable("no worker can start (see the daemon's log and `walredod status`)")
         if len(self.pending) >= self.settings.daemon.max_pending:
             raise Unavailable(f"{len(self.pending)} requests are waiting; try again later")
         return request

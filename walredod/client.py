@@ -62,6 +62,7 @@ class RedoClient:
             self._socket.close(linger=0)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)  # replies are never dropped on our side
         self._socket.connect(self.endpoint)
 
     def redo(self, tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
@@ -159,6 +160,7 @@ class AsyncRedoClient:
         self._context = zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.connect(endpoint)
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 16)
         self._waiting: dict[int, asyncio.Future] = {}

@@ -117,6 +117,10 @@ class Supervisor:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker or client takes its identity back
         self.frontend.setsockopt(zmq.RCVHWM, d.max_pending)
+        # Never drop a reply because a client reads slowly (ZeroMQ's default at the high-water mark): what waits is
+        # bounded by what that client sent. Replies to clients that left raise instead of vanishing silently.
+        self.frontend.setsockopt(zmq.SNDHWM, 0)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
         for endpoint in d.endpoints:
             if endpoint.startswith("ipc://"):
@@ -309,7 +313,7 @@ class Supervisor:
             pending = slot.in_flight.pop(token, None)
             slot.credit += 1
             if pending is not None and self.pending.pop(token, None) is not None:
-                self.frontend.send_multipart([pending.client, b"", frames[3], frames[4]], copy=False)
+                self._send_client([pending.client, b"", frames[3], frames[4]])
                 status = frames[3].buffer[3]
                 self.metrics.observe(protocol.STATUS_NAMES.get(status, "ok"), now - pending.accepted,
                                      pending.records)
@@ -351,13 +355,13 @@ class Supervisor:
             request = self._accept(body)
         except WalredodError as error:
             self.metrics.observe(error.code, 0.0, 0)
-            self.frontend.send_multipart([client, *protocol.encode_error(request_id, error)])
+            self._send_client([client, *protocol.encode_error(request_id, error)])
             return
         if request is None:  # ping
-            self.frontend.send_multipart([client, *protocol.encode_reply(request_id, b"")])
+            self._send_client([client, *protocol.encode_reply(request_id, b"")])
             return
         if request == "status":
-            self.frontend.send_multipart([client, *protocol.encode_reply(request_id, self.status_json())])
+            self._send_client([client, *protocol.encode_reply(request_id, self.status_json())])
             return
         now = time.monotonic()
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.engine.request_timeout
@@ -409,6 +413,12 @@ class Supervisor:
             self.metrics.in_flight.labels(slot=str(index)).set(len(slot.in_flight))
         self.metrics.queue_depth.set(len(self.waiting))
 
+    def _send_client(self, frames: list) -> None:
+        try:
+            self.frontend.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:  # the client disconnected: nobody is left to answer
+            log.debug("reply to a departed client dropped: %s", exc)
+
     def _answer_error(self, token: int, error: WalredodError) -> None:
         pending = self.pending.pop(token, None)
         if pending is None:
@@ -416,7 +426,7 @@ class Supervisor:
         if pending.slot is not None:
             self.slots[pending.slot].in_flight.pop(token, None)
         self.metrics.observe(error.code, time.monotonic() - pending.accepted, pending.records)
-        self.frontend.send_multipart([pending.client, *protocol.encode_error(pending.request_id, error)])
+        self._send_client([pending.client, *protocol.encode_error(pending.request_id, error)])
 
     # --- time -----------------------------------------------------------------------------------------------------
 

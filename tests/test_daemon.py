@@ -208,7 +208,18 @@ def assert_answered(results, real_requests, allowed=()):
 
 def test_worker_killed_under_load(daemon, real_requests):
     victim = daemon.workers()[0]["pid"]
-    results = run_under_load(daemon, real_requests, lambda: os.kill(victim, signal.SIGKILL))
+    resumed_after = []
+
+    def kill_and_time_the_next_request():
+        os.kill(victim, signal.SIGKILL)
+        started = time.monotonic()
+        with RedoClient(daemon.endpoint) as client:
+            tag, lsn, base, records, expected = real_requests[0]
+            assert client.redo(tag, lsn, base, records) == expected
+        resumed_after.append(time.monotonic() - started)
+
+    results = run_under_load(daemon, real_requests, kill_and_time_the_next_request)
+    assert resumed_after[0] < 1.0
     assert_answered(results, real_requests)  # its requests went to the other worker: no error at all
     workers = daemon.wait_ready(2, timeout=10)
     assert victim not in [w["pid"] for w in workers]

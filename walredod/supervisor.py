@@ -202,7 +202,8 @@ class Supervisor:
                 self.slots[index] = slot = Slot(index)
                 self._start_worker(slot)
             slot.retiring = False
-            slot.parked = False
+            if slot.parked:  # a reload is the operator's "try again"
+                slot.parked, slot.failed_starts, slot.next_start = False, 0, 0.0
         for index, slot in self.slots.items():
             if index >= wanted:
                 slot.retiring = True  # stops taking work; stopped once its requests are answered

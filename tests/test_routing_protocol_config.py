@@ -1,0 +1,108 @@
+"""Units with no processes: relation routing, the client wire format, configuration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from walredod import protocol
+from walredod.config import ConfigError, load_settings
+from walredod.errors import InvalidRequest, UnsupportedVersion
+from walredod.routing import Router, rank_slots
+from walredod.types import BLCKSZ, BufferTag, WalRecord
+
+relations = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+
+
+@given(relations, st.integers(2, 16))
+def test_removing_a_slot_moves_only_its_relations(relation, count):
+    slots = list(range(count))
+    first = rank_slots(relation, slots)[0]
+    gone = (first + 1) % count  # some other slot leaves
+    assert rank_slots(relation, [s for s in slots if s != gone])[0] == first
+
+
+def test_relations_spread_over_slots():
+    chosen = [rank_slots((1663, 5, rel), range(4))[0] for rel in range(4000)]
+    assert all(800 < chosen.count(slot) < 1200 for slot in range(4))
+
+
+@given(st.lists(st.integers(0, 50), min_size=2, max_size=8), relations, st.floats(0, 2))
+@settings(max_examples=200)
+def test_bounded_load(loads, relation, spill):
+    router = Router(spill)
+    slots = list(range(len(loads)))
+    chosen = router.choose(relation, slots, lambda s: loads[s], lambda s: True)
+    bound = max(1, math.ceil((1 + spill) * (sum(loads) + 1) / len(slots)))
+    if any(load < bound for load in loads):
+        assert loads[chosen] < bound  # never past the bound while some worker is under it
+    preferred = rank_slots(relation, slots)[0]
+    if loads[preferred] < bound:
+        assert chosen == preferred  # under the bound, a relation stays home
+
+
+def test_only_slots_with_credit_are_chosen():
+    router = Router(0.25)
+    assert router.choose((1, 2, 3), [0, 1], lambda s: 0, lambda s: s == 1) == 1
+    assert router.choose((1, 2, 3), [0, 1], lambda s: 0, lambda s: False) is None
+
+
+tags = st.builds(BufferTag, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                 st.integers(0, 3), st.integers(0, 2**32 - 2))
+records = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(min_size=24, max_size=200)), max_size=20)
+
+
+@given(st.integers(0, 2**64 - 1), tags, st.integers(0, 2**64 - 1), st.booleans(), records, st.integers(0, 2**32 - 1))
+def test_request_round_trip(request_id, tag, lsn, with_base, recs, timeout_ms):
+    base = bytes(range(256)) * 32 if with_base else None
+    frames = protocol.encode_redo_request(request_id, tag, lsn, base, [WalRecord(*r) for r in recs], timeout_ms)
+    decoded = protocol.decode_request(frames)
+    assert (decoded.request_id, decoded.tag, decoded.lsn, decoded.timeout_ms) == (request_id, tag, lsn, timeout_ms)
+    assert decoded.base_image == base
+    assert [(r.lsn, bytes(r.data)) for r in decoded.records] == recs
+
+
+def test_reply_round_trip():
+    assert protocol.decode_reply(protocol.encode_reply(5, b"p" * BLCKSZ)) == (5, 0, b"p" * BLCKSZ)
+    request_id, status, message = protocol.decode_reply(protocol.encode_error(6, UnsupportedVersion("v9")))
+    error = protocol.error_for(status, message)
+    assert request_id == 6 and isinstance(error, UnsupportedVersion) and str(error) == "v9"
+
+
+def test_unknown_kind_and_object():
+    frames = protocol.encode_redo_request(1, BufferTag(1, 2, 3, 0, 4), 10, None, [])
+    for offset, value, message in ((3, 9, "unknown request kind"), (24, 5, "unknown object kind")):
+        header = bytearray(frames[1])
+        header[offset] = value
+        with pytest.raises(InvalidRequest, match=message):
+            protocol.decode_request([frames[0], bytes(header), *frames[2:]])
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "walredod.toml"
+    path.write_text('[daemon]\nworkers = 3\nendpoints = ["tcp://127.0.0.1:5555"]\n[engine]\nrequest_timeout = 5\n')
+    settings = load_settings(path, {"daemon.workers": 7})
+    assert settings.daemon.workers == 7 and settings.daemon.endpoints == ["tcp://127.0.0.1:5555"]
+    assert settings.engine.request_timeout == 5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[daemon]\nworkers = 'many'\n", "daemon.workers"),
+    ("[daemon]\nspill_factor = -1\n", "daemon.spill_factor"),
+    ("[engine]\nkind = 'oracle'\n", "engine.kind"),
+    ("[engnie]\n", "engnie"),
+    ("[daemon\n", "not valid TOML"),
+])
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(path)
+
+
+def test_shipped_config_file_is_valid():
+    from pathlib import Path
+
+    load_settings(Path(__file__).resolve().parent.parent / "config" / "walredod.toml")

@@ -40,7 +40,7 @@ from walredod.ingest import page_histories  # noqa: E402
 from walredod.wal import WalReader  # noqa: E402
 
 RECORD_COUNTS = (1, 2, 10, 100, 227)
-_SERVED = re.compile(r"served (\d+) requests, (\d+) records, (\d+) ns busy")
+_SERVED = re.compile(r"served (\d+) requests, (\d+) records, (\d+) ns of CPU time")
 
 
 class ChildStatsCatcher(logging.Handler):

@@ -35,6 +35,24 @@ def scenario():
 
 
 @pytest.fixture(scope="session")
+def real_requests(scenario):
+    """Every main- and init-fork page touched after the scenario's second cut, as a request with PostgreSQL's own
+    page at the end: (tag, lsn, base image or None, records, expected page)."""
+    from walredod.groundtruth.cluster import read_page
+    from walredod.ingest import page_histories
+    from walredod.wal import WalReader
+
+    cut = scenario.cuts[1]
+    requests = []
+    for tag, history in sorted(page_histories(WalReader(scenario.wal_dir).records(), since_lsn=cut).items()):
+        expected = read_page(scenario.final_dir, tag)
+        if tag.forknum in (0, 3) and expected is not None:
+            base = None if history.starts_empty else read_page(scenario.recovered[cut], tag)
+            requests.append((tag, history.lsn, base, history.wal_records(), expected))
+    return requests
+
+
+@pytest.fixture(scope="session")
 def small_wal():
     """WAL with 1 MB segments (records cross segments; a segment switch) from a short real workload."""
     root = world_traversable_tmpdir("walredod-smallwal-")

@@ -23,10 +23,8 @@ from conftest import world_traversable_tmpdir
 from walredod import protocol
 from walredod.client import AsyncRedoClient, RedoClient
 from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, UnsupportedVersion
-from walredod.groundtruth.cluster import read_page
-from walredod.ingest import page_histories
-from walredod.types import BLCKSZ, BufferTag, WalRecord
-from walredod.wal import WalReader, decode_record
+from walredod.types import BLCKSZ, WalRecord
+from walredod.wal import decode_record
 
 CONFIG = """
 [daemon]
@@ -96,20 +94,6 @@ def daemon():
     daemon = Daemon(world_traversable_tmpdir("walredod-daemon-"))
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture(scope="module")
-def real_requests(scenario):
-    """(tag, lsn, base, records, expected) for pages of several relations, from real WAL."""
-    cut = scenario.cuts[1]
-    histories = page_histories(WalReader(scenario.wal_dir).records(), since_lsn=cut)
-    requests = []
-    for tag, history in sorted(histories.items()):
-        expected = read_page(scenario.final_dir, tag)
-        if tag.forknum in (0, 3) and expected is not None:
-            base = None if history.starts_empty else read_page(scenario.recovered[cut], tag)
-            requests.append((tag, history.lsn, base, history.wal_records(), expected))
-    return requests
 
 
 def check_all(results, requests):

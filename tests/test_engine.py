@@ -18,10 +18,7 @@ import pytest
 from walredod.engine import RedoEngine
 from walredod.engine.pipe import PING, encode_request, encode_tag
 from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout
-from walredod.groundtruth.cluster import read_page
-from walredod.ingest import page_histories
 from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
-from walredod.wal import WalReader
 
 SCRATCH_DATABASE = "4000000000"  # the extension's scratch relations live in this database directory
 
@@ -33,19 +30,9 @@ def engine(engine_data_dir):
 
 
 @pytest.fixture(scope="module")
-def good_requests(scenario):
-    """Real requests from the scenario with PostgreSQL's page for each: (tag, lsn, base, records, expected)."""
-    cut = scenario.cuts[1]
-    histories = page_histories(WalReader(scenario.wal_dir).records(), since_lsn=cut)
-    requests = []
-    for tag, history in sorted(histories.items()):
-        expected = read_page(scenario.final_dir, tag)
-        if tag.forknum == 0 and expected is not None and not history.starts_empty and len(history.records) >= 3:
-            base = read_page(scenario.recovered[cut], tag)
-            requests.append((tag, history.lsn, base, history.wal_records(), expected))
-        if len(requests) == 50:
-            break
-    return requests
+def good_requests(real_requests):
+    """Real pages with a base image and at least three records, with PostgreSQL's page for each."""
+    return [r for r in real_requests if r[0].forknum == 0 and r[2] is not None and len(r[3]) >= 3][:50]
 
 
 def assert_serves(engine, good_requests):

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -7,7 +7,6 @@ children use (walredod.engine.datadir.RunAs).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import time

@@ -53,6 +53,24 @@ def real_requests(scenario):
 
 
 @pytest.fixture(scope="session")
+def panicking_request(real_requests):
+    """A real heap insert at offset >= 2 applied to an empty page: heap redo PANICs ("invalid max offset")."""
+    from walredod.types import BLCKSZ
+    from walredod.wal import decode_record
+
+    for tag, _lsn, _base, records, _ in real_requests:
+        for record in records:
+            decoded = decode_record(record.data)
+            if (decoded.rmid == 10 and decoded.info & 0xF0 == 0x00 and decoded.blocks[0].tag == tag
+                    and int.from_bytes(decoded.main_data[:2], "little") >= 2):
+                page = bytearray(BLCKSZ)
+                page[12:18] = (24).to_bytes(2, "little") + BLCKSZ.to_bytes(2, "little") * 2
+                page[18:20] = (BLCKSZ | 4).to_bytes(2, "little")
+                return tag, record.lsn, bytes(page), [record]
+    raise AssertionError("no heap insert in the scenario")
+
+
+@pytest.fixture(scope="session")
 def small_wal():
     """WAL with 1 MB segments (records cross segments; a segment switch) from a short real workload."""
     root = world_traversable_tmpdir("walredod-smallwal-")

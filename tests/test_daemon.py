@@ -23,8 +23,7 @@ from conftest import world_traversable_tmpdir
 from walredod import protocol
 from walredod.client import AsyncRedoClient, RedoClient
 from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, UnsupportedVersion
-from walredod.types import BLCKSZ, WalRecord
-from walredod.wal import decode_record
+from walredod.types import WalRecord
 
 CONFIG = """
 [daemon]
@@ -140,24 +139,10 @@ def test_one_relation_stays_on_one_worker_and_a_hot_one_spills(daemon, real_requ
     assert min(grew.values()) > 100, grew  # the hot relation used the whole pool
 
 
-def a_panicking_request(real_requests):
-    """A real heap insert at offset >= 2 applied to an empty page: heap redo PANICs ("invalid max offset")."""
-    for tag, _lsn, _base, records, _ in real_requests:
-        for record in records:
-            decoded = decode_record(record.data)
-            if (decoded.rmid == 10 and decoded.info & 0xF0 == 0x00 and decoded.blocks[0].tag == tag
-                    and int.from_bytes(decoded.main_data[:2], "little") >= 2):
-                page = bytearray(BLCKSZ)
-                page[12:18] = (24).to_bytes(2, "little") + BLCKSZ.to_bytes(2, "little") * 2
-                page[18:20] = (BLCKSZ | 4).to_bytes(2, "little")
-                return tag, record.lsn, bytes(page), [record]
-    raise AssertionError("no heap insert in the scenario")
-
-
-def test_poison_request(daemon, real_requests):
+def test_poison_request(daemon, real_requests, panicking_request):
     """A request whose redo kills its child, twice, is answered as poison; the daemon keeps serving."""
     with pytest.raises(PoisonRequest, match="twice"):
-        daemon.client.redo(*a_panicking_request(real_requests))
+        daemon.client.redo(*panicking_request)
     check_all(daemon.client.redo_many([r[:4] for r in real_requests[:50]]), real_requests[:50])
 
 

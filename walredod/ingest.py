@@ -14,6 +14,11 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from walredod.native import slru, synthesized
+from walredod.native.files import RM_RELMAP_ID
+from walredod.native.visibilitymap import map_block_of
+from walredod.native.xact import parse_transaction_end, prepared_state
+from walredod.objects import RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
 from walredod.types import BufferTag, ForkNumber, WalRecord
 from walredod.wal import DecodedRecord
 
@@ -90,3 +95,124 @@ def _start_over(record: DecodedRecord, histories: dict[BufferTag, PageHistory],
             history = histories[BufferTag(*fork, blkno)]
             history.records.clear()
             history.starts_empty = True
+
+
+# --- objects rebuilt in Python, and visibility-map pages ------------------------------------------------------------
+
+RM_HEAP2_ID, RM_HEAP_ID = 9, 10
+SMGR_TRUNCATE_VM = 0x02
+_VM_CLEARS = {
+    # (rmid, op): (offset of the flags byte in the main data, its "cleared" bit, VM bits cleared on block 0)
+    (RM_HEAP_ID, 0x00): (2, 0x01, 0x03),  # insert
+    (RM_HEAP_ID, 0x10): (7, 0x01, 0x03),  # delete
+    (RM_HEAP_ID, 0x60): (7, 0x01, 0x02),  # lock: all-frozen only
+    (RM_HEAP2_ID, 0x50): (0, 0x01, 0x03),  # multi-insert
+    (RM_HEAP2_ID, 0x60): (7, 0x01, 0x02),  # lock of an updated version: all-frozen only
+}
+_UPDATE_OPS = (0x20, 0x40)  # update, HOT update: flags at 7, bit 0 old block, bit 1 new block
+
+
+@dataclass
+class ObjectHistory:
+    """Records, raw or synthesized, that change one non-relation object or one visibility-map page."""
+
+    tag: object
+    records: list[WalRecord] = field(default_factory=list)
+    starts_empty: bool = False
+
+    @property
+    def lsn(self) -> int:
+        return self.records[-1].lsn
+
+
+def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, int], int, int]]:
+    """(relation, heap block, VM bits) that heap redo of this record clears, with no reference to the map page."""
+    op = record.info & 0x70
+    if record.rmid == RM_HEAP_ID and op in _UPDATE_OPS:
+        flags = record.main_data[7]
+        new = record.blocks[0].tag
+        old = record.block(1).tag if record.block(1) is not None else new
+        clears = []
+        if flags & 0x01:
+            clears.append((old.relation, old.blkno, 0x03))
+        if flags & 0x02:
+            clears.append((new.relation, new.blkno, 0x03))
+        return clears
+    rule = _VM_CLEARS.get((record.rmid, op))
+    if rule is None or not record.blocks:
+        return []
+    offset, bit, bits = rule
+    if len(record.main_data) <= offset or not record.main_data[offset] & bit:
+        return []
+    block = record.blocks[0].tag
+    return [(block.relation, block.blkno, bits)]
+
+
+def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> dict[object, ObjectHistory]:
+    """Histories of every SLRU page, relation map, prepared transaction and visibility-map page that records
+    starting at or after ``since_lsn`` change: raw records where PostgreSQL's record names the object, synthesized
+    ones (walredod.native.synthesized) for visibility-map bits heap records clear as a side effect."""
+    histories: dict[object, ObjectHistory] = {}
+
+    def add(tag, record: WalRecord) -> ObjectHistory:
+        history = histories.get(tag)
+        if history is None:
+            history = histories[tag] = ObjectHistory(tag)
+        history.records.append(record)
+        return history
+
+    for record in records:
+        if record.start_lsn < since_lsn:
+            continue
+        raw = record.as_wal_record()
+        end = parse_transaction_end(record)
+        if end is not None:
+            for pageno in sorted({slru.clog_page_of(x) for x in end.xids}):
+                add(SlruPageTag(SlruKind.CLOG, pageno), raw)
+            if end.prepared:
+                add(TwoPhaseTag(end.xid), raw)
+            continue
+        prepared = prepared_state(record)
+        if prepared is not None:
+            add(TwoPhaseTag(prepared[0]), raw).starts_empty = True
+            continue
+        if record.rmid == slru.RM_CLOG_ID and record.rmgr_info == slru.CLOG_ZEROPAGE:
+            add(SlruPageTag(SlruKind.CLOG, struct.unpack_from("<i", record.main_data)[0]), raw)
+        elif record.rmid == slru.RM_MULTIXACT_ID:
+            info = record.rmgr_info
+            if info in (slru.XLOG_MULTIXACT_ZERO_OFF_PAGE, slru.XLOG_MULTIXACT_ZERO_MEM_PAGE):
+                kind = (SlruKind.MULTIXACT_OFFSETS if info == slru.XLOG_MULTIXACT_ZERO_OFF_PAGE
+                        else SlruKind.MULTIXACT_MEMBERS)
+                add(SlruPageTag(kind, struct.unpack_from("<i", record.main_data)[0]), raw)
+            elif info == slru.XLOG_MULTIXACT_CREATE_ID:
+                mid, moff, count = struct.unpack_from("<IIi", record.main_data)
+                for pageno in sorted({slru.offsets_page_of(mid), slru.offsets_page_of(slru.next_multixact(mid))}):
+                    add(SlruPageTag(SlruKind.MULTIXACT_OFFSETS, pageno), raw)
+                pages = {slru.members_page_of((moff + i) & 0xFFFFFFFF) for i in range(count)}
+                for pageno in sorted(pages):
+                    add(SlruPageTag(SlruKind.MULTIXACT_MEMBERS, pageno), raw)
+        elif record.rmid == RM_RELMAP_ID:
+            dbid, tsid = struct.unpack_from("<II", record.main_data)
+            add(RelMapTag(tsid, dbid), raw)
+        elif record.rmid == RM_SMGR_ID and record.rmgr_info == XLOG_SMGR_TRUNCATE:
+            blkno, spc, db, rel, flags = _smgr_truncate.unpack_from(record.main_data)
+            if flags & SMGR_TRUNCATE_VM:
+                truncation = WalRecord(record.end_lsn, synthesized.encode(synthesized.TruncateVisibilityMap(blkno)))
+                cut_map_block = map_block_of(blkno)
+                for tag in [t for t in histories if isinstance(t, BufferTag) and t.relation == (spc, db, rel)
+                            and t.blkno > cut_map_block]:
+                    add(tag, truncation)
+                add(BufferTag(spc, db, rel, ForkNumber.VISIBILITYMAP, cut_map_block), truncation)
+        # Visibility-map pages: referenced by visibility records and page images, cleared by heap records.
+        for block in record.blocks:
+            if block.tag.forknum == ForkNumber.VISIBILITYMAP:
+                add(block.tag, raw)
+        by_page: dict[BufferTag, tuple[list[int], int]] = {}
+        for relation, heap_block, bits in visibility_map_clears(record):
+            tag = BufferTag(*relation, ForkNumber.VISIBILITYMAP, map_block_of(heap_block))
+            blocks, _ = by_page.setdefault(tag, ([], bits))
+            blocks.append(heap_block)
+        for tag, (blocks, bits) in by_page.items():
+            add(tag, WalRecord(record.end_lsn, synthesized.encode(
+                synthesized.ClearVisibilityMapFlags(tuple(blocks), bits))))
+    return histories

@@ -38,6 +38,7 @@ SERVER_SETTINGS = {
     "hot_standby": "off",
     "shared_buffers": "'16MB'",
     "max_connections": "10",
+    "max_prepared_transactions": "5",
     "logging_collector": "off",
     "log_min_messages": "warning",
 }
@@ -194,3 +195,34 @@ def read_page(datadir: Path, tag: BufferTag) -> bytes | None:
     except FileNotFoundError:
         return None
     return page if len(page) == BLCKSZ else None
+
+
+def read_object(datadir: Path, tag) -> bytes | None:
+    """An SLRU page, relation-map file or two-phase state file as stored in ``datadir``; None when absent."""
+    from walredod.objects import SLRU_PAGES_PER_SEGMENT, RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
+
+    datadir = Path(datadir)
+    if isinstance(tag, SlruPageTag):
+        directory = {SlruKind.CLOG: "pg_xact", SlruKind.MULTIXACT_OFFSETS: "pg_multixact/offsets",
+                     SlruKind.MULTIXACT_MEMBERS: "pg_multixact/members"}[tag.kind]
+        segment, page = divmod(tag.pageno, SLRU_PAGES_PER_SEGMENT)
+        path, offset, size = datadir / directory / f"{segment:04X}", page * BLCKSZ, BLCKSZ
+    elif isinstance(tag, RelMapTag):
+        path = (datadir / "global" if tag.dbnode == 0
+                else relation_path(datadir, tag.spcnode, tag.dbnode, 0, 0).parent) / "pg_filenode.map"
+        offset, size = 0, 512
+    elif isinstance(tag, TwoPhaseTag):
+        path = datadir / "pg_twophase" / f"{tag.xid:08X}"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    else:
+        return read_page(datadir, tag)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except FileNotFoundError:
+        return None
+    return data if len(data) == size else None

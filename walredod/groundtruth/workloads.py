@@ -108,5 +108,43 @@ PHASE3 = [
     *_vacuum(),
 ]
 
+
+def _transactions(phase: int, count: int) -> list[str]:
+    """Transaction status, MultiXacts, two-phase state and relation maps: what lives outside relation pages."""
+    return [
+        # Many short transactions (one CLOG page holds 32768), some of them with aborted subtransactions.
+        "CREATE TABLE IF NOT EXISTS ticks (id int, phase int)",
+        f"DO $$ BEGIN FOR i IN 1..{count} LOOP INSERT INTO ticks VALUES (i, {phase}); "
+        "IF i % 10 = 0 THEN BEGIN INSERT INTO ticks VALUES (-i, 0); RAISE EXCEPTION 'undo'; "
+        "EXCEPTION WHEN raise_exception THEN NULL; END; END IF; COMMIT; END LOOP; END $$",
+        "BEGIN; INSERT INTO ticks VALUES (1, 1); SAVEPOINT a; INSERT INTO ticks VALUES (2, 2); RELEASE a; "
+        "SAVEPOINT b; INSERT INTO ticks VALUES (3, 3); ROLLBACK TO b; COMMIT",
+        "BEGIN; INSERT INTO ticks VALUES (4, 4); ROLLBACK",
+        # MultiXacts: a row share-locked by a transaction and updated by its subtransaction (2048 per offsets
+        # page, 1636 members per members page).
+        "DO $$ BEGIN FOR i IN 2001..4500 LOOP PERFORM 1 FROM items WHERE id = i FOR SHARE; "
+        "BEGIN UPDATE items SET grp = grp WHERE id = i; EXCEPTION WHEN others THEN RAISE; END; COMMIT; "
+        "END LOOP; END $$",
+        # Two-phase: one committed, one rolled back, one left prepared for the next phase (or the crash).
+        f"BEGIN; INSERT INTO ticks VALUES (5, {phase}); PREPARE TRANSACTION 'keep{phase}'",
+        f"BEGIN; INSERT INTO ticks VALUES (6, {phase}); PREPARE TRANSACTION 'commit{phase}'",
+        f"COMMIT PREPARED 'commit{phase}'",
+        f"BEGIN; INSERT INTO ticks VALUES (7, {phase}); PREPARE TRANSACTION 'abort{phase}'",
+        f"ROLLBACK PREPARED 'abort{phase}'",
+        *([f"COMMIT PREPARED 'keep{phase - 1}'"] if phase > 1 else []),
+        # Relation maps: rewriting mapped catalogs, local and shared.
+        "VACUUM FULL pg_class",
+        "VACUUM FULL pg_database",
+        # New relfilenodes and dropped ones.
+        f"CREATE TABLE gone{phase} AS SELECT g FROM generate_series(1, 1000) g",
+        f"TRUNCATE gone{phase}",
+        f"DROP TABLE gone{phase}",
+    ]
+
+
+PHASE1 += _transactions(1, 12_000)
+PHASE2 += _transactions(2, 12_000)
+PHASE3 += _transactions(3, 12_000)
+
 PHASES = [PHASE1, PHASE2, PHASE3]
 WAL_COMPRESSION = ["pglz", "lz4", "zstd"]  # full-page image compression, one per phase

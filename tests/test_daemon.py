@@ -23,7 +23,11 @@ from conftest import world_traversable_tmpdir
 from walredod import protocol
 from walredod.client import AsyncRedoClient, RedoClient
 from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, UnsupportedVersion
-from walredod.types import WalRecord
+from walredod.groundtruth.cluster import read_object
+from walredod.ingest import object_histories
+from walredod.objects import RelMapTag, SlruPageTag, TwoPhaseTag
+from walredod.types import BufferTag, WalRecord
+from walredod.wal import WalReader
 
 CONFIG = """
 [daemon]
@@ -108,6 +112,22 @@ def test_every_page_through_the_daemon_matches_postgres(daemon, real_requests):
     check_all(results, real_requests)
     tag, lsn, base, records, expected = real_requests[0]
     assert daemon.client.redo(tag, lsn, base, records) == expected
+
+
+def test_objects_through_the_daemon_match_postgres(daemon, scenario):
+    """pg_xact, MultiXact, relation-map, two-phase and visibility-map requests, rebuilt by the workers."""
+    cut = scenario.cuts[1]
+    requests, expected = [], []
+    for tag, history in object_histories(WalReader(scenario.wal_dir).records(), since_lsn=cut).items():
+        final = read_object(scenario.final_dir, tag)
+        if isinstance(tag, BufferTag) and final is None:
+            continue  # its relation was dropped
+        base = None if history.starts_empty else read_object(scenario.recovered[cut], tag)
+        requests.append((tag, history.lsn, base, history.records))
+        expected.append(final)
+    assert {type(r[0]) for r in requests} == {SlruPageTag, RelMapTag, TwoPhaseTag, BufferTag}
+    assert None in expected  # a prepared transaction that ended: absent
+    assert daemon.client.redo_many(requests) == expected
 
 
 def test_async_client(daemon, real_requests):

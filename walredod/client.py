@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from walredod import protocol
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
-from walredod.types import BLCKSZ, BufferTag, WalRecord
+from walredod.types import BufferTag, WalRecord
 
 DEFAULT_TIMEOUT = 60.0
 _TRANSPORT_MARGIN = 1.0  # the daemon answers a timeout itself; wait a little longer for that answer
@@ -32,11 +32,17 @@ PIPELINE_WINDOW = 64
 RedoArgs = tuple[BufferTag, int, bytes | None, Sequence[WalRecord]]
 
 
-def _check_args(tag: BufferTag, base_image: bytes | None) -> None:
-    if not isinstance(tag, BufferTag):
-        raise InvalidRequest(f"tag must be a BufferTag, not {type(tag).__name__}")
-    if base_image is not None and len(base_image) != BLCKSZ:
-        raise InvalidRequest(f"base image is {len(base_image)} bytes, a page is {BLCKSZ}")
+def _check_args(tag, base_image: bytes | None) -> None:
+    object_kind = protocol.tag_fields(tag)[0]  # raises InvalidRequest for what is not a tag
+    size = protocol.BASE_IMAGE_SIZES[object_kind]
+    if base_image is not None and size is not None and len(base_image) != size:
+        raise InvalidRequest(f"base image is {len(base_image)} bytes, {tag} has {size}")
+
+
+def _object_or_none(body):
+    """An empty body says the object does not exist: a finished prepared transaction, a visibility-map page cut
+    off by a truncation."""
+    return None if len(body) == 0 else body
 
 
 def _result(frames: list) -> tuple[int, bytes | WalredodError]:
@@ -65,9 +71,13 @@ class RedoClient:
         self._socket.setsockopt(zmq.RCVHWM, 0)  # replies are never dropped on our side
         self._socket.connect(self.endpoint)
 
-    def redo(self, tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
-             timeout: float | None = None) -> bytes:
-        """The page ``tag`` at ``lsn``: ``base_image`` (None: no page yet) with ``records`` applied."""
+    def redo(self, tag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
+             timeout: float | None = None) -> bytes | None:
+        """The page ``tag`` at ``lsn``: ``base_image`` (None: no page yet) with ``records`` applied.
+
+        ``tag`` is a BufferTag (relation page) or an object tag of walredod.objects; the result is None for an
+        object that does not exist at ``lsn`` (a prepared transaction that has ended).
+        """
         result = self.redo_many([(tag, lsn, base_image, records)], timeout=timeout, return_exceptions=True)[0]
         if isinstance(result, WalredodError):
             raise result
@@ -109,7 +119,7 @@ class RedoClient:
             request_id, result = _result(self._socket.recv_multipart())
             index = slot_of.pop(request_id, None)
             if index is not None:
-                results[index] = result
+                results[index] = result if isinstance(result, WalredodError) else _object_or_none(result)
         if not return_exceptions:
             for result in results:
                 if isinstance(result, WalredodError):
@@ -185,7 +195,7 @@ class AsyncRedoClient:
             self._waiting.pop(request_id, None)
         if isinstance(result, WalredodError):
             raise result
-        return result
+        return _object_or_none(result)
 
     async def redo_many(self, requests: Iterable[RedoArgs], timeout: float | None = None,
                         return_exceptions: bool = False) -> list:

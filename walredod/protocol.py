@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from walredod.errors import ERROR_CLASSES, InvalidRequest, UnsupportedVersion, WalredodError
+from walredod.objects import RELMAP_FILE_SIZE, RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
 MAGIC = b"WR"
@@ -19,6 +20,9 @@ KIND_REDO = 1
 KIND_PING = 2
 KIND_STATUS = 3  # answered by the supervisor: its state as JSON
 OBJECT_RELATION_PAGE = 0
+OBJECT_SLRU_PAGE = 1  # fork field: SLRU kind (0 pg_xact, 1 multixact offsets, 2 multixact members); block: page
+OBJECT_RELMAP = 2  # tablespace and database fields
+OBJECT_TWOPHASE = 3  # block field: the prepared transaction's xid
 
 # magic, version, kind, request id, timeout ms, lsn, object kind, then the relation page tag.
 REQUEST_HEADER = struct.Struct(">2sBBQIQBBIIII")
@@ -56,11 +60,23 @@ def _lsn_array(count: int) -> struct.Struct:
     return packer
 
 
-def encode_redo_request(request_id: int, tag: BufferTag, lsn: int, base_image: bytes | None,
+def tag_fields(tag) -> tuple[int, int, int, int, int, int]:
+    """(object kind, fork, spcnode, dbnode, relnode, block) of any tag, as the header carries them."""
+    if isinstance(tag, BufferTag):
+        return OBJECT_RELATION_PAGE, tag.forknum, tag.spcnode, tag.dbnode, tag.relnode, tag.blkno
+    if isinstance(tag, SlruPageTag):
+        return OBJECT_SLRU_PAGE, int(tag.kind), 0, 0, 0, tag.pageno
+    if isinstance(tag, RelMapTag):
+        return OBJECT_RELMAP, 0, tag.spcnode, tag.dbnode, 0, 0
+    if isinstance(tag, TwoPhaseTag):
+        return OBJECT_TWOPHASE, 0, 0, 0, 0, tag.xid
+    raise InvalidRequest(f"{type(tag).__name__} is not a page or object walredod rebuilds")
+
+
+def encode_redo_request(request_id: int, tag, lsn: int, base_image: bytes | None,
                         records: Sequence[WalRecord], timeout_ms: int = 0) -> list:
     """The frames of a redo request (after the empty delimiter)."""
-    header = REQUEST_HEADER.pack(MAGIC, VERSION, KIND_REDO, request_id, timeout_ms, lsn, OBJECT_RELATION_PAGE,
-                                 tag.forknum, tag.spcnode, tag.dbnode, tag.relnode, tag.blkno)
+    header = REQUEST_HEADER.pack(MAGIC, VERSION, KIND_REDO, request_id, timeout_ms, lsn, *tag_fields(tag))
     lsns = _lsn_array(len(records)).pack(*(r[0] for r in records))  # WalRecord or plain (lsn, data) pairs
     return [b"", header, base_image if base_image is not None else b"", lsns, *(r[1] for r in records)]
 
@@ -99,28 +115,50 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
         return Request(request_id, kind, timeout_ms, 0, None, None, [])
     if kind != KIND_REDO:
         raise InvalidRequest(f"unknown request kind {kind}")
-    if object_kind != OBJECT_RELATION_PAGE:
-        raise InvalidRequest(f"unknown object kind {object_kind}")
-    if forknum > 3:
-        raise InvalidRequest(f"fork number {forknum} is not 0 to 3")
+    tag = _tag(object_kind, forknum, spcnode, dbnode, relnode, blkno)
     if len(frames) < 4:
         raise InvalidRequest(f"a redo request has at least 4 frames (delimiter, header, base image, LSNs), "
                              f"got {len(frames)}")
     base = frames[2]
-    if len(base) not in (0, BLCKSZ):
-        raise InvalidRequest(f"the base image frame is {len(base)} bytes: a page is {BLCKSZ} (or empty for none)")
+    size = BASE_IMAGE_SIZES.get(object_kind)
+    if len(base) not in (0, size or len(base)):
+        raise InvalidRequest(f"the base image frame is {len(base)} bytes: {tag} has {size} (or empty for none)")
     lsn_frame = frames[3]
     count = len(frames) - 4
     if count > MAX_RECORDS:
         raise InvalidRequest(f"{count} records in one request; at most {MAX_RECORDS}")
     if len(lsn_frame) != 8 * count:
         raise InvalidRequest(f"the LSN frame holds {len(lsn_frame) // 8} end LSNs for {count} record frames")
-    tag = BufferTag(spcnode, dbnode, relnode, forknum, blkno)
     if not records:
         return Request(request_id, kind, timeout_ms, lsn, tag, None, [])
     lsns = _lsn_array(count).unpack(lsn_frame)
     wal_records = [WalRecord(lsns[i], frames[4 + i]) for i in range(count)]
     return Request(request_id, kind, timeout_ms, lsn, tag, base if len(base) else None, wal_records)
+
+
+BASE_IMAGE_SIZES = {OBJECT_RELATION_PAGE: BLCKSZ, OBJECT_SLRU_PAGE: BLCKSZ, OBJECT_RELMAP: RELMAP_FILE_SIZE,
+                    OBJECT_TWOPHASE: None}
+
+
+def _tag(object_kind: int, forknum: int, spcnode: int, dbnode: int, relnode: int, blkno: int):
+    if object_kind == OBJECT_RELATION_PAGE:
+        if forknum > 3:
+            raise InvalidRequest(f"fork number {forknum} is not 0 to 3")
+        return BufferTag(spcnode, dbnode, relnode, forknum, blkno)
+    if object_kind == OBJECT_SLRU_PAGE:
+        if forknum > 2:
+            raise InvalidRequest(f"SLRU kind {forknum} is not 0 to 2")
+        return SlruPageTag(SlruKind(forknum), blkno)
+    if object_kind == OBJECT_RELMAP:
+        return RelMapTag(spcnode, dbnode)
+    if object_kind == OBJECT_TWOPHASE:
+        return TwoPhaseTag(blkno)
+    raise InvalidRequest(f"unknown object kind {object_kind}")
+
+
+def routing_key(tag) -> tuple[int, int, int]:
+    """What requests are routed by: the relation of a page, a comparable key for other objects."""
+    return tag.relation if isinstance(tag, BufferTag) else tag.routing_key
 
 
 def encode_reply(request_id: int, page) -> list:

@@ -30,6 +30,9 @@ from walredod import protocol
 from walredod.config import EngineSettings
 from walredod.engine import RedoEngine
 from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, WalredodError
+from walredod.native import synthesized
+from walredod.native.rebuild import rebuild_object, rebuild_visibility_map_page
+from walredod.types import BufferTag, ForkNumber
 
 log = logging.getLogger("walredod.worker")
 
@@ -111,12 +114,21 @@ class Worker:
         return protocol.encode_reply(request.request_id, page)
 
     def redo(self, request: protocol.Request, deadline: float) -> bytes:
+        if not isinstance(request.tag, BufferTag):
+            # pg_xact, MultiXact, relation-map and two-phase objects: rebuilt here, in Python. An object that
+            # does not exist (a finished prepared transaction) is answered with an empty body.
+            return rebuild_object(request.tag, request.base_image, request.records) or b""
         records = request.records
         for attempt in (1, 2):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RedoTimeout("the request's deadline passed before it could be served")
             try:
+                if request.tag.forknum == ForkNumber.VISIBILITYMAP and any(
+                        synthesized.is_synthesized(r.data) for r in records):
+                    page = rebuild_visibility_map_page(self.engine, request.tag, request.lsn, request.base_image,
+                                                       records, timeout=remaining)
+                    return page or b""  # cut off by a truncation
                 return self.engine.redo(request.tag, request.lsn, request.base_image, records, timeout=remaining)
             except InvalidRequest:
                 raise

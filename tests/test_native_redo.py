@@ -170,3 +170,25 @@ def test_visibility_map_clear_and_truncate_against_a_model(map_block, heap_block
     for block, bits in model.items():
         index = block - first
         assert (page[24 + index // 4] >> (2 * (index % 4))) & 3 == bits
+
+
+def _clog_record(info: int, pageno: int) -> WalRecord:
+    import crc32c
+    import struct
+
+    body = bytes([255, 12]) + struct.pack("<iII", pageno, 3, 5)  # main data: pageno (+ truncate's xid, db)
+    header = struct.pack("<IIQBB2x", 24 + len(body), 0, 0, info, 3)
+    crc = crc32c.crc32c(header, crc32c.crc32c(body))
+    return WalRecord(0x100, header + struct.pack("<I", crc) + body)
+
+
+def test_clog_zero_and_truncate():
+    page = bytearray(b"\x55" * BLCKSZ)
+    assert rebuild_object(SlruPageTag(SlruKind.CLOG, 40), bytes(page), [_clog_record(0x00, 40)]) == bytes(BLCKSZ)
+    # Truncating at page 70 removes whole segments before page 64's segment (pages 0..63), not page 64's.
+    assert rebuild_object(SlruPageTag(SlruKind.CLOG, 40), bytes(page), [_clog_record(0x10, 70)]) is None
+    with pytest.raises(InvalidRequest, match="does not change"):
+        rebuild_object(SlruPageTag(SlruKind.CLOG, 64), bytes(page), [_clog_record(0x10, 70)])
+    # Circular: just after wraparound, the last pages of the xid space precede the first ones.
+    assert slru.clog_truncation_removes(slru.CLOG_PAGES - 1, 40)
+    assert not slru.clog_truncation_removes(41, slru.CLOG_PAGES - 1)

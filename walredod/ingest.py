@@ -178,6 +178,11 @@ def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> di
             continue
         if record.rmid == slru.RM_CLOG_ID and record.rmgr_info == slru.CLOG_ZEROPAGE:
             add(SlruPageTag(SlruKind.CLOG, struct.unpack_from("<i", record.main_data)[0]), raw)
+        elif record.rmid == slru.RM_CLOG_ID and record.rmgr_info == slru.CLOG_TRUNCATE:
+            cutoff = struct.unpack_from("<i", record.main_data)[0]
+            for tag in [t for t in histories if isinstance(t, SlruPageTag) and t.kind == SlruKind.CLOG
+                        and slru.clog_truncation_removes(t.pageno, cutoff)]:
+                add(tag, raw)
         elif record.rmid == slru.RM_MULTIXACT_ID:
             info = record.rmgr_info
             if info in (slru.XLOG_MULTIXACT_ZERO_OFF_PAGE, slru.XLOG_MULTIXACT_ZERO_MEM_PAGE):

@@ -39,10 +39,15 @@ def rebuild_object(tag: ObjectTag, base: bytes | None, records: Sequence[WalReco
         if base is not None and len(base) != BLCKSZ:
             raise InvalidRequest(f"base image of {tag} is {len(base)} bytes, a page is {BLCKSZ}")
         page = bytearray(base) if base is not None else bytearray(BLCKSZ)
+        removed = False
         for record in records:
-            if not slru.apply(tag, page, decode_history_record(record)):
-                raise InvalidRequest(f"a record ending at {record.lsn:X} does not change {tag}")
-        return bytes(page)
+            try:
+                if not slru.apply(tag, page, decode_history_record(record)):
+                    raise InvalidRequest(f"a record ending at {record.lsn:X} does not change {tag}")
+                removed = False
+            except slru.PageRemoved:
+                removed = True  # a later zero-page record may bring it back
+        return None if removed else bytes(page)
     if isinstance(tag, RelMapTag):
         if base is not None and len(base) != RELMAP_FILE_SIZE:
             raise InvalidRequest(f"base image of {tag} is {len(base)} bytes, a map file is {RELMAP_FILE_SIZE}")

@@ -7,12 +7,15 @@ import struct
 from walredod.errors import InvalidRequest
 from walredod.native import synthesized
 from walredod.native.xact import parse_transaction_end
-from walredod.objects import SlruKind, SlruPageTag
+from walredod.objects import SLRU_PAGES_PER_SEGMENT, SlruKind, SlruPageTag
 from walredod.types import BLCKSZ
 from walredod.wal import DecodedRecord
 
 RM_CLOG_ID = 3
 CLOG_ZEROPAGE = 0x00
+CLOG_TRUNCATE = 0x10
+CLOG_PAGES = 2**32 // (BLCKSZ * 4)
+FIRST_NORMAL_XID = 3
 RM_MULTIXACT_ID = 6
 XLOG_MULTIXACT_ZERO_OFF_PAGE = 0x00
 XLOG_MULTIXACT_ZERO_MEM_PAGE = 0x10
@@ -39,6 +42,24 @@ def set_clog_status(page: bytearray, pageno: int, xids, status: int) -> None:
         index = xid % CLOG_XACTS_PER_PAGE
         byte, shift = index // 4, (index % 4) * 2
         page[byte] = (page[byte] & ~(0x03 << shift) & 0xFF) | (status << shift)
+
+
+def _xid_precedes(a: int, b: int) -> bool:
+    return ((a - b) & 0xFFFFFFFF) >= 0x80000000  # circular comparison of normal xids
+
+
+def _clog_page_precedes(page1: int, page2: int) -> bool:
+    xid1 = page1 * CLOG_XACTS_PER_PAGE + FIRST_NORMAL_XID
+    xid2 = page2 * CLOG_XACTS_PER_PAGE + FIRST_NORMAL_XID
+    return _xid_precedes(xid1, xid2) and _xid_precedes(xid1, (xid2 + CLOG_XACTS_PER_PAGE - 1) & 0xFFFFFFFF)
+
+
+def clog_truncation_removes(pageno: int, cutoff_page: int) -> bool:
+    """Does truncating pg_xact at ``cutoff_page`` delete the segment holding ``pageno``? A segment goes when its
+    first and last pages both precede the cutoff, in PostgreSQL's circular sense."""
+    first = pageno - pageno % SLRU_PAGES_PER_SEGMENT
+    return _clog_page_precedes(first, cutoff_page) and _clog_page_precedes(first + SLRU_PAGES_PER_SEGMENT - 1,
+                                                                           cutoff_page)
 
 
 def offsets_page_of(mid: int) -> int:
@@ -93,6 +114,10 @@ def _multixact_create(record: DecodedRecord) -> tuple[int, int, list[tuple[int, 
     return mid, moff, members
 
 
+class PageRemoved(Exception):
+    """A truncation removed the page's segment: the page no longer exists."""
+
+
 def apply(tag: SlruPageTag, page: bytearray, record: DecodedRecord | object) -> bool:
     """Apply one raw (DecodedRecord) or synthesized record; False when it does not touch this page."""
     pageno = tag.pageno
@@ -103,6 +128,10 @@ def apply(tag: SlruPageTag, page: bytearray, record: DecodedRecord | object) -> 
         if isinstance(record, DecodedRecord):
             if record.rmid == RM_CLOG_ID and record.rmgr_info == CLOG_ZEROPAGE:
                 return _zero_if(page, pageno, record)
+            if record.rmid == RM_CLOG_ID and record.rmgr_info == CLOG_TRUNCATE:
+                if clog_truncation_removes(pageno, struct.unpack_from("<i", record.main_data)[0]):
+                    raise PageRemoved(f"{tag} was removed by a pg_xact truncation")
+                return False
             end = parse_transaction_end(record)
             if end is not None:
                 set_clog_status(page, pageno, end.xids, end.status)

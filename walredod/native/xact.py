@@ -82,9 +82,14 @@ def parse_transaction_end(record: DecodedRecord) -> TransactionEnd | None:
         if xinfo & XINFO_HAS_TWOPHASE:
             xid = _u32(data, pos)[0]
             pos += 4
+            if xinfo & XINFO_HAS_GID:
+                end_of_gid = data.index(b"\0", pos)  # ValueError: no terminator
+                pos = end_of_gid + 1
+        if xinfo & XINFO_HAS_ORIGIN:
+            pos += 16  # origin LSN and timestamp, unaligned
         if pos > len(data):
             raise struct.error("sections run past the record's data")
-    except struct.error as exc:
+    except (struct.error, ValueError) as exc:
         raise InvalidRequest(f"malformed transaction record at {record.start_lsn:X}: {exc}") from None
     committed = op in (XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED)
     return TransactionEnd(xid, tuple(subxacts), STATUS_COMMITTED if committed else STATUS_ABORTED, dropped,

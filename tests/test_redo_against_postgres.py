@@ -4,7 +4,8 @@ For each cut of the ground-truth scenario: every main-fork and init-fork page th
 references is rebuilt from its image in the copy PostgreSQL recovered to the cut (none, if the page did not exist
 yet or was cut off by a truncation since) plus its records after the cut, and compared with the page in the copy
 PostgreSQL recovered to the end of the WAL. Visibility-map pages need records of their own (heap records clear
-their bits without referencing them) and free-space-map pages are never WAL-logged: they are not compared here.
+their bits without referencing them): tests/test_native_redo.py compares them. Free-space-map pages are changed
+by PostgreSQL's recovery without WAL: they are not compared.
 """
 
 from __future__ import annotations

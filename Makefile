@@ -17,6 +17,7 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/engine_latency.py
+	$(PYTHON) bench/daemon_study.py
 
 clean:
 	$(MAKE) -s -C pgext clean

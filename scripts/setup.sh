@@ -28,7 +28,7 @@ if [ "$(id -u)" -eq 0 ] && ! id "$RUN_AS_USER" >/dev/null 2>&1; then
 fi
 
 echo "== installing Python packages"
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 
 echo "== building the redo extension"
 make -s -C pgext PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config >/dev/null

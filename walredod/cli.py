@@ -84,6 +84,28 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Real request sets against one engine or a running daemon: a table, a JSON result and a PNG plot."""
+    from walredod import benchmark
+
+    sets = benchmark.read_sample(args.sample) if args.sample else benchmark.read_sample()
+    if args.mix not in sets:
+        raise SystemExit(f"walredod bench: no request set {args.mix!r}; the sample has {', '.join(sets)}")
+    requests = sets[args.mix]
+    if args.target == "daemon" and not args.endpoint:
+        raise SystemExit("walredod bench: --endpoint is needed to drive a daemon")
+    results = []
+    for clients in args.clients:
+        label = f"{args.target} {args.mix} {args.mode} x{clients}"
+        results.append(benchmark.run(label, args.target, requests, endpoint=args.endpoint and args.endpoint[0],
+                                     engine_options={"data_dir": args.datadir} if args.datadir else {},
+                                     mode=args.mode, clients=clients, duration=args.seconds))
+    benchmark.print_table(results)
+    benchmark.save(results, args.json, args.plot)
+    print(f"written {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="walredod", description="WAL redo daemon for disaggregated PostgreSQL")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -115,6 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     daemon_options(p)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=status)
+
+    p = commands.add_parser("bench", help="benchmark one engine or a running daemon on real request sets")
+    p.add_argument("--target", choices=["engine", "daemon"], default="engine")
+    p.add_argument("--endpoint", action="append", help="the daemon's endpoint (with --target daemon)")
+    p.add_argument("--mix", default="short", help="request set: short, medium, natural-heap-btree, natural-index")
+    p.add_argument("--mode", choices=["sync", "pipelined"], default="sync")
+    p.add_argument("--clients", type=int, nargs="+", default=[1], help="concurrent client processes (one run each)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--sample", type=Path, help="request sample (default: bench/data/requests.bin.gz)")
+    p.add_argument("--datadir", type=Path, help="data directory for engines (with --target engine)")
+    p.add_argument("--json", type=Path, default=Path("bench/results/walredod_bench.json"))
+    p.add_argument("--plot", type=Path, default=Path("bench/results/walredod_bench.png"))
+    p.set_defaults(func=bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -88,6 +88,11 @@ class DaemonSettings(Strict):
         64 * 1024 * 1024, ge=16 * 1024, description="Largest request accepted (all frames).",
     )
     shutdown_timeout: float = Field(10.0, ge=0, description="Seconds to finish in-flight requests on SIGTERM.")
+    cpu_placement: Literal["pair", "none"] = Field(
+        "pair",
+        description="'pair': worker i and its redo children share CPU i (mod the CPUs we may use), so their "
+        "round trips never wake another CPU; 'none': the scheduler decides.",
+    )
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus metrics endpoint; none when unset.",
     )

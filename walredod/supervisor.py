@@ -233,11 +233,12 @@ class Supervisor:
 
     def _start_worker(self, slot: Slot) -> None:
         d = self.settings.daemon
-        engine = self.settings.engine.model_copy(update={"data_dir": self.settings.engine.data_dir})
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[slot.index % len(cpus)] if d.cpu_placement == "pair" else -1
         argv = [sys.executable, "-m", "walredod.worker", "--slot", str(slot.index),
                 "--backend", self.backend_endpoint, "--credit", str(d.worker_credit),
-                "--heartbeat-interval", str(d.heartbeat_interval),
-                "--engine-settings", engine.model_dump_json()]
+                "--heartbeat-interval", str(d.heartbeat_interval), "--cpu", str(cpu),
+                "--engine-settings", self.settings.engine.model_dump_json()]
         slot.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
         slot.started_at = slot.last_seen = time.monotonic()
         slot.ready = False

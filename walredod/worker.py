@@ -153,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", required=True)
     parser.add_argument("--credit", type=int, required=True)
     parser.add_argument("--heartbeat-interval", type=float, required=True)
+    parser.add_argument("--cpu", type=int, default=-1, help="CPU for this worker and its redo children (-1: any)")
     parser.add_argument("--engine-settings", required=True, help="EngineSettings as JSON")
     args = parser.parse_args(argv)
     die_with_parent()
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})  # inherited by the redo children started below
     logging.basicConfig(level=os.environ.get("WALREDOD_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s %(levelname)s worker-{args.slot}[%(process)d] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the supervisor, which stops us in order

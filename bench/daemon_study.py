@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""The daemon against its own floor and against engines driven directly, side by side in one run.
+
+    python3 bench/daemon_study.py [--seconds 4]
+
+Uses the shipped request sample (bench/data/requests.bin.gz; no PostgreSQL server needed), starts daemons with
+the placements compared, measures the transport floor (bench/transport_floor.py) in the same run, and prints the
+targets of the performance issue as ratios. Writes bench/results/daemon_study.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transport_floor import floors  # noqa: E402
+
+from walredod import benchmark, protocol  # noqa: E402
+from walredod.client import RedoClient  # noqa: E402
+from walredod.errors import Unavailable  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Daemon:
+    """A `walredod serve` for one configuration; its process ids by stage for CPU accounting."""
+
+    def __init__(self, root: Path, workers: int, placement: str, supervisor_cpu: int | None = None):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        self.endpoint = f"ipc://{root}/walredod.sock"
+        config = root / "walredod.toml"
+        config.write_text(f'[daemon]\nworkers = {workers}\ncpu_placement = "{placement}"\n'
+                          f'[engine]\ndata_dir = "{root.parent / "data"}"\n')
+        pin = (lambda: os.sched_setaffinity(0, {supervisor_cpu})) if supervisor_cpu is not None else None
+        self.process = subprocess.Popen([sys.executable, "-m", "walredod", "serve", "--config", str(config),
+                                         "--endpoint", self.endpoint], preexec_fn=pin,
+                                        env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING"})
+        with RedoClient(self.endpoint) as client:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    workers_state = client.status(timeout=1)["workers"]
+                    if all(w["state"] == "ready" and w["child_pid"] for w in workers_state):
+                        break
+                except Unavailable:
+                    pass
+                time.sleep(0.1)
+        self.pids = {"supervisor": [self.process.pid], "workers": [w["pid"] for w in workers_state],
+                     "redo children": [w["child_pid"] for w in workers_state]}
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+
+def hot_mix(requests: list, share: float = 0.9, size: int = 400, seed: int = 7) -> list:
+    """``share`` of the requests on one relation (its pages repeated), the rest uniform."""
+    by_relation: dict = {}
+    for request in requests:
+        by_relation.setdefault(request[0].relation, []).append(request)
+    hot = max(by_relation.values(), key=len)
+    rng = random.Random(seed)
+    return [rng.choice(hot) if rng.random() < share else rng.choice(requests) for _ in range(size)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args()
+    seconds = args.seconds
+    sets = benchmark.read_sample()
+    short = sets["short"]
+    cpus = sorted(os.sched_getaffinity(0))
+    ncpu = len(cpus)
+    work = Path(tempfile.mkdtemp(prefix="walredod-study-"))
+    work.chmod(0o755)
+    runs = []
+    run = benchmark.run
+
+    # 1. One synchronous client, short requests: the engine directly, then the daemon (1 worker) by placement.
+    runs.append(run("engine direct, one CPU", "engine", short, engine_options={"data_dir": work / "data"},
+                    client_cpus=[cpus[0]], duration=seconds))
+    runs.append(run("engine direct, unpinned", "engine", short, engine_options={"data_dir": work / "data"},
+                    duration=seconds))
+    placements = {}
+    for label, placement, supervisor_cpu, client_cpus in (
+            ("daemon 1 worker, default (pair)", "pair", None, None),
+            ("daemon 1 worker, placement none", "none", None, None),
+            ("daemon 1 worker, all on one CPU", "pair", cpus[0], [cpus[0]]),
+            ("daemon 1 worker, client+sup. on 2nd", "pair", cpus[-1], [cpus[-1]])):
+        daemon = Daemon(work / label.replace(" ", "-").replace(",", ""), 1, placement, supervisor_cpu)
+        try:
+            result = run(label, "daemon", short, endpoint=daemon.endpoint, client_cpus=client_cpus,
+                         stage_pids=daemon.pids, duration=seconds)
+            runs.append(result)
+            placements[label] = result
+            if placement == "pair" and supervisor_cpu is None:
+                runs.append(run("daemon 1 worker, redo_many(64)", "daemon", short, endpoint=daemon.endpoint,
+                                mode="pipelined", stage_pids=daemon.pids, duration=seconds))
+        finally:
+            daemon.stop()
+
+    # 2. The transport floor in the same run: same frames, same hops, an echo instead of redo.
+    tag, lsn, base, records = short[0]
+    floor = floors(protocol.encode_redo_request(1, tag, lsn, base, records), seconds)
+
+    # 3. Throughput with workers = cores: the daemon pipelined vs engines driven directly, one process each.
+    runs.append(run(f"engines direct x{ncpu}", "engine", short, engine_options={"data_dir": work / "data"},
+                    clients=ncpu, client_cpus=cpus, duration=seconds))
+    daemon = Daemon(work / "pool", ncpu, "pair")
+    try:
+        pool = run(f"daemon {ncpu} workers, pipelined x{ncpu}", "daemon", short, endpoint=daemon.endpoint,
+                   mode="pipelined", clients=ncpu, stage_pids=daemon.pids, duration=seconds)
+        hot = run(f"daemon {ncpu} workers, 90% one relation", "daemon", hot_mix(short), endpoint=daemon.endpoint,
+                  mode="pipelined", clients=ncpu, stage_pids=daemon.pids, duration=seconds)
+        runs += [pool, hot]
+    finally:
+        daemon.stop()
+
+    benchmark.print_table(runs)
+    by_label = {r.label: r for r in runs}
+    engine_p50 = by_label["engine direct, one CPU"].percentile(0.5)
+    default = by_label["daemon 1 worker, default (pair)"]
+    best = min(placements.values(), key=lambda r: r.percentile(0.5))
+    batch = by_label["daemon 1 worker, redo_many(64)"]
+    targets = {
+        "daemon overhead / broker floor (<= 1.3)":
+            (default.percentile(0.5) - engine_p50) / floor["brokered_sync"]["p50_us"],
+        "default placement p50 / best placement p50 (<= 1.2)": default.percentile(0.5) / best.percentile(0.5),
+        "supervisor CPU µs per request (<= 15)": pool.cpu_us_per_request["supervisor"],
+        "worker CPU µs per request (<= 20)": pool.cpu_us_per_request["workers"],
+        "daemon pipelined / engines direct throughput (>= 0.7)": pool.rate / by_label[f"engines direct x{ncpu}"].rate,
+        "hot relation / uniform throughput (>= 0.8)": hot.rate / pool.rate,
+        "redo_many(64) / redo per-request time (<= 0.5)": batch.percentile(0.5) / default.percentile(0.5),
+        "skipping the supervisor would save (µs, floor direct vs brokered)":
+            floor["brokered_sync"]["p50_us"] - floor["direct_sync"]["p50_us"],
+    }
+    print(f"\nfloor (same run): {json.dumps(floor)}")
+    print(f"best placement by hand: {best.label}")
+    for name, value in targets.items():
+        print(f"  {name:<68} {value:8.2f}")
+    benchmark.save(runs, RESULTS / "daemon_study.json", RESULTS / "daemon_study.png",
+                   {"floor": floor, "targets": targets, "cpus": cpus})
+    print(f"written {RESULTS / 'daemon_study.json'} and {RESULTS / 'daemon_study.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,12 +28,23 @@ class Metrics:
         self.restarts = Counter("walredod_worker_restarts", "Workers that ended and were replaced, by cause.",
                                 ["cause"], registry=self.registry)
         self._server = None
+        self._by_status: dict[str, Counter] = {}  # label lookups cost microseconds: once per value
+        self._by_slot: dict[int, Gauge] = {}
 
     def observe(self, status: str, seconds: float, records: int) -> None:
-        self.requests.labels(status=status).inc()
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self.requests.labels(status=status)
+        counter.inc()
         if status == "ok":
             self.latency.observe(seconds)
             self.records.observe(records)
+
+    def set_in_flight(self, slot: int, count: int) -> None:
+        gauge = self._by_slot.get(slot)
+        if gauge is None:
+            gauge = self._by_slot[slot] = self.in_flight.labels(slot=str(slot))
+        gauge.set(count)
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

@@ -280,7 +280,7 @@ class Supervisor:
             else:
                 self.waiting.appendleft(token)
         slot.in_flight.clear()
-        self.metrics.in_flight.labels(slot=str(slot.index)).set(0)
+        self.metrics.set_in_flight(slot.index, 0)
         if slot.retiring:
             return
         slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
@@ -296,13 +296,11 @@ class Supervisor:
         self.backend.send_multipart([slot.identity, *frames], copy=False)
 
     def _drain_backend(self) -> None:
-        recv = self.backend.recv_multipart
-        for _ in range(1000):
-            try:
-                frames = recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        recv, events = self.backend.recv_multipart, self.backend.getsockopt
+        for _ in range(1000):  # bounded, so clients are heard between bursts of replies
+            if not events(zmq.EVENTS) & zmq.POLLIN:
                 return
-            self._on_worker_message(frames)
+            self._on_worker_message(recv(copy=False))
 
     def _on_worker_message(self, frames: list) -> None:
         identity = frames[0].bytes
@@ -320,7 +318,7 @@ class Supervisor:
                 self.metrics.observe(protocol.STATUS_NAMES.get(status, "ok"), now - pending.accepted,
                                      pending.records)
                 slot.served += 1
-            self.metrics.in_flight.labels(slot=str(slot.index)).set(len(slot.in_flight))
+            self.metrics.set_in_flight(slot.index, len(slot.in_flight))
             self._dispatch_waiting()
         elif command == wire.HEARTBEAT and slot is not None:
             slot.last_seen = now
@@ -341,13 +339,11 @@ class Supervisor:
     # --- requests -------------------------------------------------------------------------------------------------
 
     def _drain_frontend(self) -> None:
-        recv = self.frontend.recv_multipart
+        recv, events = self.frontend.recv_multipart, self.frontend.getsockopt
         for _ in range(1000):
-            try:
-                frames = recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not events(zmq.EVENTS) & zmq.POLLIN:
                 return
-            self._on_client_message(frames)
+            self._on_client_message(recv(copy=False))
 
     def _on_client_message(self, frames: list) -> None:
         client = frames[0].bytes
@@ -412,7 +408,7 @@ class Supervisor:
             pending.attempts += 1
             self._send_worker(slot, [wire.REQUEST, token.to_bytes(8, "big"), wire.DEADLINE.pack(pending.deadline),
                                      *pending.frames])
-            self.metrics.in_flight.labels(slot=str(index)).set(len(slot.in_flight))
+            self.metrics.set_in_flight(index, len(slot.in_flight))
         self.metrics.queue_depth.set(len(self.waiting))
 
     def _send_client(self, frames: list) -> None:

@@ -91,7 +91,8 @@ class DaemonSettings(Strict):
     cpu_placement: Literal["pair", "none"] = Field(
         "pair",
         description="'pair': worker i and its redo children share CPU i (mod the CPUs we may use), so their "
-        "round trips never wake another CPU; 'none': the scheduler decides.",
+        "round trips never wake another CPU, and the supervisor keeps to the last CPU; "
+        "'none': the scheduler decides.",
     )
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus metrics endpoint; none when unset.",

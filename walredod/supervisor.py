@@ -369,8 +369,8 @@ class Supervisor:
         now = time.monotonic()
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.engine.request_timeout
         token = next(self.tokens)
-        self.pending[token] = Pending(client, request_id, frames[2:], protocol.routing_key(request.tag), now + timeout, now,
-                                      len(request.records))
+        self.pending[token] = Pending(client, request_id, frames[2:], protocol.routing_key(request.tag),
+                                      now + timeout, now, len(request.records))
         self.waiting.append(token)
         self._dispatch_waiting()
 

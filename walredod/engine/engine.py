@@ -1,7 +1,8 @@
 """RedoEngine: rebuilds pages with one redo child, replaced at once when it dies.
 
-A second child (the spare) is started ahead of time and warmed with a ping, so a child's death costs the next request
-no start-up: the spare takes over and a new spare starts in the background of the following requests.
+A second child (the spare) is started ahead of time and warmed with a ping and one real redo, so a child's death
+costs the next request no start-up: the spare takes over, and the next spare is started by ``start_spare``, which the
+daemon's worker calls when idle (or, failing that, the following request).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class RedoEngine:
                 log.error("%s: could not start a spare redo child: %s", self.name, exc)
 
     def _take_over(self) -> RedoChild:
-        """Promote the spare (or start a child now, if there is none); a new spare starts in the background."""
+        """Promote the spare (or start a child now, if there is none); the next spare is left to start_spare."""
         for _attempt in range(2):
             child, self._spare = self._spare, None
             if child is None:

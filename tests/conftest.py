@@ -35,6 +35,23 @@ def scenario():
 
 
 @pytest.fixture(scope="session")
+def wal_records(scenario):
+    """Every record of the scenario's WAL, decoded."""
+    from walredod.wal import WalReader
+
+    return list(WalReader(scenario.wal_dir).records())
+
+
+@pytest.fixture(scope="session")
+def redo_engine(engine_data_dir):
+    """An engine for the scenario's WAL: its server runs with wal_log_hints = on (to make FPI_FOR_HINT records)."""
+    from walredod.engine import RedoEngine
+
+    with RedoEngine(data_dir=engine_data_dir, source_logs_hint_bits=True) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
 def real_requests(scenario):
     """Every main- and init-fork page touched after the scenario's second cut, as a request with PostgreSQL's own
     page at the end: (tag, lsn, base image or None, records, expected page)."""

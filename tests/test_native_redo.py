@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import REPORTS
-from walredod.engine import RedoEngine
 from walredod.errors import InvalidRequest
 from walredod.groundtruth.cluster import read_object
 from walredod.ingest import object_histories
@@ -18,7 +17,6 @@ from walredod.native.rebuild import decode_history_record, rebuild_object, rebui
 from walredod.native.xact import parse_transaction_end
 from walredod.objects import RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
 from walredod.types import BLCKSZ, BufferTag, WalRecord
-from walredod.wal import WalReader
 
 
 def kind_of(tag) -> str:
@@ -29,20 +27,9 @@ def kind_of(tag) -> str:
     return {RelMapTag: "relation map", TwoPhaseTag: "two-phase state"}[type(tag)]
 
 
-@pytest.fixture(scope="module")
-def wal_records(scenario):
-    return list(WalReader(scenario.wal_dir).records())
-
-
-@pytest.fixture(scope="module")
-def engine(engine_data_dir):
-    with RedoEngine(data_dir=engine_data_dir, source_logs_hint_bits=True) as engine:
-        yield engine
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("cut_index", [0, 1])
-def test_every_touched_object_matches_postgres_recovery(scenario, wal_records, engine, cut_index):
+def test_every_touched_object_matches_postgres_recovery(scenario, wal_records, redo_engine, cut_index):
     cut = scenario.cuts[cut_index]
     checked: collections.Counter = collections.Counter()
     records_applied: collections.Counter = collections.Counter()
@@ -55,7 +42,7 @@ def test_every_touched_object_matches_postgres_recovery(scenario, wal_records, e
             if expected is None:
                 skipped["visibility map page gone at the end (relation dropped or truncated)"] += 1
                 continue
-            rebuilt = rebuild_visibility_map_page(engine, tag, history.lsn, base, history.records)
+            rebuilt = rebuild_visibility_map_page(redo_engine, tag, history.lsn, base, history.records)
         else:
             rebuilt = rebuild_object(tag, base, history.records)
         checked[kind_of(tag)] += 1

@@ -15,11 +15,9 @@ import collections
 import pytest
 
 from conftest import REPORTS
-from walredod.engine import RedoEngine
 from walredod.groundtruth.cluster import read_page
 from walredod.ingest import page_histories
 from walredod.types import ForkNumber
-from walredod.wal import WalReader
 
 COMPARED_FORKS = (ForkNumber.MAIN, ForkNumber.INIT)
 SKIPPED_FORKS = {
@@ -30,24 +28,9 @@ SKIPPED_FORKS = {
 REQUIRED_RMGRS = {"Heap", "Heap2", "Btree", "Hash", "Gin", "Gist", "SPGist", "BRIN", "Sequence", "Generic", "XLOG"}
 
 
-@pytest.fixture(scope="module")
-def wal_records(scenario):
-    reader = WalReader(scenario.wal_dir)
-    records = list(reader.records())
-    assert "incomplete" in reader.end_reason or "written so far" in reader.end_reason, reader.end_reason
-    return records
-
-
-@pytest.fixture(scope="module")
-def engine(engine_data_dir):
-    # The scenario's server runs with wal_log_hints = on (to make FPI_FOR_HINT records).
-    with RedoEngine(data_dir=engine_data_dir, source_logs_hint_bits=True) as engine:
-        yield engine
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("cut_index", [0, 1])
-def test_every_touched_page_matches_postgres_recovery(scenario, wal_records, engine, cut_index):
+def test_every_touched_page_matches_postgres_recovery(scenario, wal_records, redo_engine, cut_index):
     cut = scenario.cuts[cut_index]
     histories = page_histories(wal_records, since_lsn=cut)
     pages_by_rmgr: collections.Counter = collections.Counter()
@@ -64,7 +47,7 @@ def test_every_touched_page_matches_postgres_recovery(scenario, wal_records, eng
             skipped["gone at the end (relation dropped or truncated): nothing to compare with"] += 1
             continue
         base = None if history.starts_empty else read_page(scenario.recovered[cut], tag)
-        page = engine.redo(tag, history.lsn, base, history.wal_records())
+        page = redo_engine.redo(tag, history.lsn, base, history.wal_records())
         checked += 1
         rmgrs = collections.Counter(record.rmgr_name for record in history.records)
         applied_by_rmgr.update(rmgrs)

@@ -188,13 +188,18 @@ def read_page(datadir: Path, tag: BufferTag) -> bytes | None:
     segment, offset = divmod(tag.blkno * BLCKSZ, SEGMENT_BYTES)
     if segment:
         path = path.with_name(f"{path.name}.{segment}")
+    return _read_range(path, offset, BLCKSZ)
+
+
+def _read_range(path: Path, offset: int, size: int) -> bytes | None:
+    """``size`` bytes at ``offset``; None when the file is missing or too short."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            page = f.read(BLCKSZ)
+            data = f.read(size)
     except FileNotFoundError:
         return None
-    return page if len(page) == BLCKSZ else None
+    return data if len(data) == size else None
 
 
 def read_object(datadir: Path, tag) -> bytes | None:
@@ -219,10 +224,4 @@ def read_object(datadir: Path, tag) -> bytes | None:
             return None
     else:
         return read_page(datadir, tag)
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-    except FileNotFoundError:
-        return None
-    return data if len(data) == size else None
+    return _read_range(path, offset, size)

@@ -322,10 +322,15 @@ parse_tag(const char *p, RelFileNode *rnode, ForkNumber *fork, BlockNumber *blkn
 	rnode->dbNode = get_u32(p + 5);
 	rnode->relNode = get_u32(p + 9);
 	*blkno = get_u32(p + 13);
-	if (*blkno == InvalidBlockNumber)
+
+	/*
+	 * Our relations claim MaxBlockNumber blocks (see prepare_scratch_relations),
+	 * so only blocks below it are inside them; PostgreSQL never uses it either.
+	 */
+	if (*blkno >= MaxBlockNumber)
 		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: invalid block number %u in block tag", *blkno)));
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("walredod: block number %u in block tag is not below %u", *blkno, MaxBlockNumber)));
 }
 
 static bool
@@ -487,6 +492,12 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 
 		if (!blk->in_use)
 			continue;
+		/* Past our relations' claimed size, redo would extend them on disk. */
+		if (blk->blkno >= MaxBlockNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("walredod: record's block %d has block number %u, not below %u",
+							id, blk->blkno, MaxBlockNumber)));
 		if (block_touches_target(blk))
 			touches = true;
 	}

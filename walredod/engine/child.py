@@ -60,6 +60,9 @@ class RedoChild:
         self._stdout = self.process.stdout.fileno()
         self._poll = select.poll()
         self._poll.register(self._stdout, select.POLLIN)
+        os.set_blocking(self._stdin, False)  # writes wait on a deadline (_write), never forever
+        self._poll_out = select.poll()
+        self._poll_out.register(self._stdin, select.POLLOUT)
         self._replies_pending = 0
         threading.Thread(target=self._forward_stderr, name=f"{name}-stderr", daemon=True).start()
 
@@ -77,7 +80,7 @@ class RedoChild:
 
     def send_warmup(self) -> None:
         """Ask for a ping and a warm-up redo without waiting: the child answers once it is up."""
-        self._write(PING + WARMUP)
+        self._write(PING + WARMUP, time.monotonic() + 60)  # smaller than a pipe: never waits
         self._replies_pending = 2
 
     def wait_ready(self, timeout: float) -> None:
@@ -87,21 +90,32 @@ class RedoChild:
             self._replies_pending -= 1
 
     def request(self, message: bytes, timeout: float) -> bytes:
-        self._write(message)
-        return self.read_page(timeout)
-
-    def _write(self, data: bytes) -> None:
-        try:
-            written = os.write(self._stdin, data)
-            if written < len(data):  # larger than the pipe: the child drains it as it parses
-                view = memoryview(data)
-                while written < len(data):
-                    written += os.write(self._stdin, view[written:])
-        except (BrokenPipeError, ConnectionResetError):
-            raise ChildGone() from None
-
-    def read_page(self, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
+        self._write(message, deadline)
+        return self.read_page(timeout, deadline)
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        """Write a whole message. A child that hung up before taking any of it never saw it (ChildGone); one that
+        dies or stalls part-way through a message larger than the pipe died in this request."""
+        view = memoryview(data)
+        written = 0
+        while written < len(data):
+            try:
+                written += os.write(self._stdin, view[written:])
+            except BlockingIOError:  # the pipe is full: the child is busy parsing, or hung
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._poll_out.poll(remaining * 1000):
+                    self.kill()
+                    raise ChildDied(RedoTimeout(
+                        f"redo child {self.pid} took no more of the request within its timeout")) from None
+            except (BrokenPipeError, ConnectionResetError):
+                if written == 0:
+                    raise ChildGone() from None
+                raise ChildDied(self.death_error()) from None
+
+    def read_page(self, timeout: float, deadline: float | None = None) -> bytes:
+        """The child's next 8 kB reply, by ``deadline`` (default: ``timeout`` seconds from now)."""
+        deadline = deadline if deadline is not None else time.monotonic() + timeout
         chunks: list[bytes] = []
         got = 0
         while got < BLCKSZ:

@@ -25,6 +25,7 @@ from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
 log = logging.getLogger(__name__)
 
 _U32_MAX = 0xFFFFFFFF
+_MAX_BLOCK_NUMBER = 0xFFFFFFFE  # PostgreSQL's MaxBlockNumber: blocks are numbered below it
 _XLOG_RECORD_HEADER_LEN = 24
 _read_tot_len = struct.Struct("<I").unpack_from
 
@@ -289,8 +290,8 @@ def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: S
         raise InvalidRequest(f"tag {tag}: relation OIDs must be unsigned 32-bit numbers")
     if not 0 <= forknum <= 3:
         raise InvalidRequest(f"tag {tag}: fork number must be 0 to 3")
-    if not 0 <= blkno < _U32_MAX:
-        raise InvalidRequest(f"tag {tag}: block number must be below 0xFFFFFFFF")
+    if not 0 <= blkno < _MAX_BLOCK_NUMBER:
+        raise InvalidRequest(f"tag {tag}: block number must be below {_MAX_BLOCK_NUMBER:#x} (PostgreSQL's limit)")
     if base_image is not None and len(base_image) != BLCKSZ:
         raise InvalidRequest(f"base image is {len(base_image)} bytes, a page is {BLCKSZ}")
     previous = 0

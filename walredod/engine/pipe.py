@@ -32,7 +32,7 @@ def _warmup_request() -> bytes:
     body = (struct.pack("<BBH", 0, 0x10, 0)  # block 0: main fork, has image, no data
             + struct.pack("<HHB", BLCKSZ, 0, 0x02)  # image: whole page, no hole, apply
             + struct.pack("<IIII", *_WARMUP_TAG[:3], _WARMUP_TAG.blkno) + bytes(page))
-    header = struct.pack("<IIQBB2x", 24 + len(body), 0, 0, 0xA0, 0)
+    header = struct.pack("<IIQBB2x", 24 + len(body), 0, 0, 0xB0, 0)  # rmgr XLOG, XLOG_FPI
     crc = crc32c.crc32c(header, crc32c.crc32c(body))
     record = header + struct.pack("<I", crc) + body
     return encode_request(_WARMUP_TAG, None, [WalRecord(_WARMUP_END_LSN, record)])

@@ -1,24 +1,20 @@
-"""RedoEngine: real records, bad input of every kind, dead and hung children, and a long soak.
-
-Each bad request must get its own typed error naming the problem, and the next good request on the same engine
-must get the right page.
+"""RedoEngine on real records: histories from real WAL, damaged real records, a redo that fails inside PostgreSQL,
+and a long soak. Hand-made bad input and misbehaving children are in test_engine_bad_input.py.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import struct
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from records import expected_after_fpi, fpi_record, make_page
 
 from walredod.engine import RedoEngine
-from walredod.engine.pipe import PING, encode_request, encode_tag
-from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout
-from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
+from walredod.engine.pipe import encode_request
+from walredod.errors import InvalidRequest, RedoFailed
+from walredod.types import ZERO_PAGE, BufferTag, WalRecord
 
 SCRATCH_DATABASE = "4000000000"  # the extension's scratch relations live in this database directory
 
@@ -40,23 +36,6 @@ def assert_serves(engine, good_requests):
     assert engine.redo(tag, lsn, base, records) == expected
 
 
-def fpi_record(tag: BufferTag, page: bytes, rmid: int = 0, info: int = 0xA0, corrupt_crc: bool = False) -> bytes:
-    """A hand-made full-page-image record for ``tag`` (XLOG_FPI unless told otherwise), CRC included."""
-    import crc32c
-
-    body = (struct.pack("<BBH", 0, 0x10 | tag.forknum, 0) + struct.pack("<HHB", BLCKSZ, 0, 0x02)
-            + struct.pack("<IIII", tag.spcnode, tag.dbnode, tag.relnode, tag.blkno) + page)
-    header = struct.pack("<IIQBB2x", 24 + len(body), 0, 0, info, rmid)
-    crc = crc32c.crc32c(header, crc32c.crc32c(body)) ^ (1 if corrupt_crc else 0)
-    return header + struct.pack("<I", crc) + body
-
-
-def a_page(fill: int) -> bytes:
-    page = bytearray(bytes([fill]) * BLCKSZ)
-    struct.pack_into("<IIHHHHHH", page, 0, 0, 1, 0, 0, 24, BLCKSZ - 8, BLCKSZ - 8, BLCKSZ | 4)
-    return bytes(page)
-
-
 # --- what it serves -----------------------------------------------------------------------------------------------
 
 def test_real_histories_match_postgres(engine, good_requests):
@@ -68,15 +47,16 @@ def test_real_histories_match_postgres(engine, good_requests):
 def test_no_records(engine):
     tag = BufferTag(1663, 5, 16384, 0, 7)
     assert engine.redo(tag, 100, None, []) == ZERO_PAGE
-    image = a_page(0x5A)
+    image = make_page(0x5A, [b"a tuple"])
     assert engine.redo(tag, 100, image, []) == image
 
 
 def test_full_page_image_record_sets_the_end_lsn(engine):
     for tag in (BufferTag(1663, 5, 16384, 0, 3), BufferTag(1663, 5, 16384, 3, 0),  # main and init fork
                 BufferTag(1663, 5, 16384, 0, 10_000_000)):  # far past 1 GB: segment files never written
-        page = engine.redo(tag, 0x2000_0000, a_page(0x11), [WalRecord(0x1234_5678, fpi_record(tag, a_page(0x22)))])
-        assert page[8:] == a_page(0x22)[8:]
+        image = make_page(0x22, [b"new tuple" * 9])
+        page = engine.redo(tag, 0x2000_0000, make_page(0x11), [WalRecord(0x1234_5678, fpi_record(tag, image))])
+        assert page == expected_after_fpi(image, 0x1234_5678)
         assert struct.unpack_from("<II", page) == (0, 0x1234_5678)
 
 
@@ -85,15 +65,6 @@ def test_ping_and_stats(engine):
     engine.ping()
     engine.redo(BufferTag(1663, 5, 1, 0, 0), 1, None, [])
     assert engine.stats.requests == before + 1
-
-
-# --- bad input ----------------------------------------------------------------------------------------------------
-
-def test_corrupted_crc(engine, good_requests):
-    tag = BufferTag(1663, 5, 16384, 0, 1)
-    with pytest.raises(InvalidRequest, match="CRC"):
-        engine.redo(tag, 0x100, None, [WalRecord(0x100, fpi_record(tag, a_page(1), corrupt_crc=True))])
-    assert_serves(engine, good_requests)
 
 
 def test_flipped_byte_in_a_real_record(engine, good_requests):
@@ -125,92 +96,11 @@ def test_record_for_another_block(engine, good_requests):
     assert_serves(engine, good_requests)
 
 
-@pytest.mark.parametrize("rmid, info, message", [
-    (200, 0x00, "unknown resource manager"),
-    (1, 0x00, "Transaction"),  # XACT commit: a real rmgr that changes no relation page
-    (2, 0x10, "Storage"),
-    (9, 0x00, "Heap2"),  # HEAP2 REWRITE: only logical decoding reads it
-])
-def test_refused_resource_managers(engine, good_requests, rmid, info, message):
-    tag = BufferTag(1663, 5, 16384, 0, 1)
-    with pytest.raises(InvalidRequest, match=message):
-        engine.redo(tag, 0x100, None, [WalRecord(0x100, fpi_record(tag, a_page(1), rmid=rmid, info=info))])
-    assert_serves(engine, good_requests)
-
-
-@pytest.mark.parametrize("garbage", [b"Zxxxxxxxxxx", b"A\x00\x00\x00\x05x" + PING, b"G" + b"\x00" * 20,
-                                     b"B\xff\xff\xff\xff"])
-def test_garbage_messages(engine, good_requests, garbage):
-    with pytest.raises(InvalidRequest):
-        engine._call(garbage, 10)
-    assert_serves(engine, good_requests)
-
-
-def test_get_page_for_another_tag(engine, good_requests):
-    tag = BufferTag(1663, 5, 16384, 0, 1)
-    message = encode_request(tag, None, [])
-    wrong_get = message[:-17] + encode_tag(tag._replace(blkno=2))
-    with pytest.raises(InvalidRequest, match="'G'"):
-        engine._call(wrong_get, 10)
-    assert_serves(engine, good_requests)
-
-
-@pytest.mark.parametrize("args, message", [
-    ((BufferTag(1663, 5, 1, 0, 1), 10, b"short", []), "base image is 5 bytes"),
-    ((BufferTag(1663, 5, 1, 7, 1), 10, None, []), "fork number"),
-    ((BufferTag(1663, 5, 1, 0, 1), 10, None, [WalRecord(20, b"x" * 24)]), "xl_tot_len|after the requested LSN"),
-])
-def test_requests_refused_before_the_child(engine, args, message):
-    started = engine.stats.children_started
-    with pytest.raises(InvalidRequest, match=message):
-        engine.redo(*args)
-    assert engine.stats.children_started == started
-
-
 def test_redo_failure_inside_postgres(engine, good_requests, panicking_request):
     """A valid record applied to a page it does not fit: PostgreSQL's redo PANICs, we answer RedoFailed."""
     with pytest.raises(RedoFailed, match="PANIC"):
         engine.redo(*panicking_request)
     assert_serves(engine, good_requests)
-
-
-# --- dead and hung children ---------------------------------------------------------------------------------------
-
-def test_child_killed_while_idle_is_replaced_transparently(engine, good_requests):
-    engine.start_spare()
-    victim = engine.child_pid
-    spare = engine.spare_pid
-    os.kill(victim, signal.SIGKILL)
-    time.sleep(0.1)
-    assert_serves(engine, good_requests)  # no error: the request never reached the dead child
-    assert engine.child_pid == spare
-    engine.start_spare()
-    assert engine.spare_pid not in (None, victim, spare)
-    assert engine.stats.restarts.get("died idle", 0) >= 1
-
-
-def test_child_killed_mid_request(engine, good_requests):
-    engine.start_spare()
-    victim = engine.child_pid
-    os.kill(victim, signal.SIGSTOP)  # it will hold the request until it is killed
-    threading.Timer(0.3, os.kill, (victim, signal.SIGKILL)).start()
-    tag, lsn, base, records, _ = good_requests[5]
-    with pytest.raises(RedoFailed, match="killed by signal 9"):
-        engine.redo(tag, lsn, base, records, timeout=10)
-    assert_serves(engine, good_requests)
-    assert engine.child_pid != victim
-
-
-def test_child_stopped_past_the_timeout(engine, good_requests):
-    engine.start_spare()
-    victim = engine.child_pid
-    os.kill(victim, signal.SIGSTOP)
-    tag, lsn, base, records, _ = good_requests[6]
-    with pytest.raises(RedoTimeout):
-        engine.redo(tag, lsn, base, records, timeout=0.5)
-    assert_serves(engine, good_requests)
-    engine.start_spare()  # reaps the hung child
-    assert not Path(f"/proc/{victim}").exists()
 
 
 def test_close_stops_every_child_and_removes_datadirs(engine_data_dir, good_requests):
@@ -251,7 +141,7 @@ def test_soak_100k_requests_memory_flat_nothing_written(engine_data_dir, good_re
                 engine.ping()
             elif kind == 1:
                 engine.redo(far._replace(blkno=131_072 + i), 0x100, None,
-                            [WalRecord(0x100, fpi_record(far._replace(blkno=131_072 + i), a_page(i % 251)))])
+                            [WalRecord(0x100, fpi_record(far._replace(blkno=131_072 + i), make_page(i % 251)))])
             else:
                 tag, lsn, base, records, expected = good_requests[i % len(good_requests)]
                 assert engine.redo(tag, lsn, base, records) == expected

@@ -16,6 +16,17 @@ from walredod.groundtruth.cluster import PgCluster, pg_available  # noqa: E402
 REPORTS: list[str] = []  # tables printed at the end of the run (pages checked per rmgr, ...)
 
 
+def report_comparison(title: str, columns: tuple[str, str, str], rows: dict[str, tuple[int, int]],
+                      skipped: dict[str, int]) -> None:
+    """Print a comparison table now and again at the end of the run: one row per kind, then what was skipped."""
+    name, first, second = columns
+    table = [title, f"  {name:<18} {first:>8} {second:>16}"]
+    table += [f"  {kind:<18} {a:>8} {b:>16}" for kind, (a, b) in sorted(rows.items())]
+    table += [f"  skipped {count}: {reason}" for reason, count in sorted(skipped.items())]
+    REPORTS.append("\n".join(table))
+    print("\n".join(table))
+
+
 def world_traversable_tmpdir(prefix: str) -> Path:
     """A temp dir the unprivileged PostgreSQL user can reach (pytest's own tmp dirs are private to root)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))

@@ -20,9 +20,8 @@ SCRATCH_DATABASE = "4000000000"  # the extension's scratch relations live in thi
 
 
 @pytest.fixture(scope="module")
-def engine(engine_data_dir):
-    with RedoEngine(data_dir=engine_data_dir, source_logs_hint_bits=True) as engine:
-        yield engine
+def engine(redo_engine):
+    return redo_engine
 
 
 @pytest.fixture(scope="module")

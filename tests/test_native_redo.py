@@ -8,7 +8,7 @@ import collections
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPORTS
+from conftest import report_comparison
 from walredod.errors import InvalidRequest
 from walredod.groundtruth.cluster import read_object
 from walredod.ingest import object_histories
@@ -52,12 +52,9 @@ def test_every_touched_object_matches_postgres_recovery(scenario, wal_records, r
                               f"{'absent' if rebuilt is None else len(rebuilt)}, PostgreSQL's "
                               f"{'absent' if expected is None else len(expected)}")
 
-    table = [f"cut {cut_index + 1}: objects rebuilt in Python and compared, {len(mismatches)} mismatches",
-             f"  {'object':<18} {'checked':>8} {'records':>8}"]
-    table += [f"  {kind:<18} {checked[kind]:>8} {records_applied[kind]:>8}" for kind in sorted(checked)]
-    table += [f"  skipped {n}: {reason}" for reason, n in sorted(skipped.items())]
-    REPORTS.append("\n".join(table))
-    print("\n".join(table))
+    report_comparison(f"cut {cut_index + 1}: objects rebuilt in Python and compared, {len(mismatches)} mismatches",
+                      ("object", "checked", "records"),
+                      {kind: (checked[kind], records_applied[kind]) for kind in checked}, skipped)
     assert not mismatches, "\n".join(mismatches[:20])
     for kind in ("clog", "multixact_offsets", "multixact_members", "relation map", "two-phase state",
                  "visibility map"):

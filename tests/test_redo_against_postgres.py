@@ -14,7 +14,7 @@ import collections
 
 import pytest
 
-from conftest import REPORTS
+from conftest import report_comparison
 from walredod.groundtruth.cluster import read_page
 from walredod.ingest import page_histories
 from walredod.types import ForkNumber
@@ -56,12 +56,9 @@ def test_every_touched_page_matches_postgres_recovery(scenario, wal_records, red
             first = next(i for i in range(len(page)) if page[i] != expected[i])
             mismatches.append(f"{tag}: {len(history.records)} records, first differing byte at {first}")
 
-    table = [f"cut {cut_index + 1} at {cut:X}: {checked} pages rebuilt and compared, {len(mismatches)} mismatches",
-             f"  {'rmgr':<10} {'pages':>7} {'records applied':>16}"]
-    table += [f"  {name:<10} {pages_by_rmgr[name]:>7} {applied_by_rmgr[name]:>16}" for name in sorted(pages_by_rmgr)]
-    table += [f"  skipped {count}: {reason}" for reason, count in sorted(skipped.items())]
-    REPORTS.append("\n".join(table))
-    print("\n".join(table))
+    report_comparison(f"cut {cut_index + 1} at {cut:X}: {checked} pages rebuilt and compared, "
+                      f"{len(mismatches)} mismatches", ("rmgr", "pages", "records applied"),
+                      {name: (pages_by_rmgr[name], applied_by_rmgr[name]) for name in pages_by_rmgr}, skipped)
 
     assert not mismatches, "\n".join(mismatches[:20])
     assert checked > 1000

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,7 +46,7 @@ request_timeout = 20
 
 class Daemon:
     def __init__(self, root: Path, workers: int = 2, metrics_port: int = 19187, extra_config: str = "",
-                 wait: bool = True):
+                 wait: bool = True, env: dict | None = None):
         self.root = root
         self.endpoint = f"ipc://{root}/walredod.sock"
         self.config = root / "walredod.toml"
@@ -54,7 +55,7 @@ class Daemon:
         self.write_config(workers)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "walredod", "serve", "--config", str(self.config), "--endpoint", self.endpoint],
-            env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING"})
+            env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING", **(env or {})})
         self.client = RedoClient(self.endpoint, timeout=30)
         if not wait:
             return
@@ -330,6 +331,39 @@ def test_reload_changes_the_worker_count(daemon, real_requests):
     daemon.write_config(2)
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_ready(2)
+
+
+def test_reload_of_a_wrong_configuration_keeps_the_running_one(daemon, real_requests):
+    daemon.config.write_text("[daemon]\nworkers = 'many'\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert daemon.process.poll() is None
+    daemon.wait_ready(2)
+    check_all(daemon.client.redo_many([r[:4] for r in real_requests[:100]]), real_requests[:100])
+    daemon.write_config(2)
+
+
+def test_systemd_notifications(tmp_path, real_requests):
+    """Under systemd (Type=notify): READY=1 once a worker serves, WATCHDOG=1 while alive, STOPPING=1 on SIGTERM."""
+    sock_path = world_traversable_tmpdir("walredod-notify-") / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    notify.settimeout(10)
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-notify-"), workers=1, metrics_port=19191,
+                    env={"NOTIFY_SOCKET": str(sock_path)})
+    try:
+        seen = set()
+        deadline = time.monotonic() + 10
+        while not {"READY=1", "WATCHDOG=1"} <= seen and time.monotonic() < deadline:
+            seen.update(notify.recv(4096).decode().split("\n"))
+        assert {"READY=1", "WATCHDOG=1"} <= seen
+        daemon.process.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen.update(notify.recv(4096).decode().split("\n"))
+        assert daemon.process.wait(30) == 0
+    finally:
+        daemon.stop()
+        notify.close()
 
 
 def test_check_config_names_the_key(tmp_path):

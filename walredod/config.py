@@ -94,6 +94,11 @@ class DaemonSettings(Strict):
         "round trips never wake another CPU, and the supervisor keeps to the last CPU; "
         "'none': the scheduler decides.",
     )
+    direct_data_path: bool = Field(
+        True,
+        description="Workers also take requests straight from clients on this machine (each on an ipc socket "
+        "beside the first ipc:// endpoint; the supervisor tells clients where): one ZeroMQ hop instead of two.",
+    )
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus metrics endpoint; none when unset.",
     )

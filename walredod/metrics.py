@@ -25,11 +25,15 @@ class Metrics:
         self.queue_depth = Gauge("walredod_queue_depth", "Requests waiting for a worker.", registry=self.registry)
         self.in_flight = Gauge("walredod_worker_in_flight", "Requests held by a worker.", ["slot"],
                                registry=self.registry)
+        self.served = Gauge("walredod_worker_requests_served",
+                            "Requests a worker has answered since it started (both paths), from its heartbeats.",
+                            ["slot"], registry=self.registry)
         self.restarts = Counter("walredod_worker_restarts", "Workers that ended and were replaced, by cause.",
                                 ["cause"], registry=self.registry)
         self._server = None
         self._by_status: dict[str, Counter] = {}  # label lookups cost microseconds: once per value
         self._by_slot: dict[int, Gauge] = {}
+        self._served_by_slot: dict[int, Gauge] = {}
 
     def observe(self, status: str, seconds: float, records: int) -> None:
         counter = self._by_status.get(status)
@@ -44,6 +48,12 @@ class Metrics:
         gauge = self._by_slot.get(slot)
         if gauge is None:
             gauge = self._by_slot[slot] = self.in_flight.labels(slot=str(slot))
+        gauge.set(count)
+
+    def set_served(self, slot: int, count: int) -> None:
+        gauge = self._served_by_slot.get(slot)
+        if gauge is None:
+            gauge = self._served_by_slot[slot] = self.served.labels(slot=str(slot))
         gauge.set(count)
 
     def serve(self, address: str) -> None:

@@ -19,6 +19,7 @@ VERSION = 1
 KIND_REDO = 1
 KIND_PING = 2
 KIND_STATUS = 3  # answered by the supervisor: its state as JSON
+KIND_DIRECTORY = 4  # answered by the supervisor: the workers' direct endpoints as JSON
 OBJECT_RELATION_PAGE = 0
 OBJECT_SLRU_PAGE = 1  # fork field: SLRU kind (0 pg_xact, 1 multixact offsets, 2 multixact members); block: page
 OBJECT_RELMAP = 2  # tablespace and database fields
@@ -82,7 +83,7 @@ def encode_redo_request(request_id: int, tag, lsn: int, base_image: bytes | None
 
 
 def encode_ping(request_id: int, kind: int = KIND_PING) -> list:
-    """A ping (or, with ``kind=KIND_STATUS``, a status request): answered by the supervisor itself."""
+    """A ping (or, with ``kind``, a status or directory request): answered by the supervisor itself."""
     return [b"", REQUEST_HEADER.pack(MAGIC, VERSION, kind, request_id, 0, 0, 0, 0, 0, 0, 0, 0)]
 
 
@@ -109,9 +110,9 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
         raise InvalidRequest(f"the header frame is {len(header)} bytes, expected {REQUEST_HEADER.size}")
     (_magic, _version, kind, request_id, timeout_ms, lsn, object_kind,
      forknum, spcnode, dbnode, relnode, blkno) = REQUEST_HEADER.unpack(header)
-    if kind in (KIND_PING, KIND_STATUS):
+    if kind in (KIND_PING, KIND_STATUS, KIND_DIRECTORY):
         if len(frames) != 2:
-            raise InvalidRequest("a ping or status request has only the header frame")
+            raise InvalidRequest("a ping, status or directory request has only the header frame")
         return Request(request_id, kind, timeout_ms, 0, None, None, [])
     if kind != KIND_REDO:
         raise InvalidRequest(f"unknown request kind {kind}")

@@ -1,6 +1,9 @@
 """The supervisor: accepts requests, routes them to warm workers by relation, and heals the pool.
 
 One thread, one poll loop over two ROUTER sockets: the frontend (clients) and the backend (workers, as DEALERs).
+With the direct data path on (the default for ipc:// endpoints), each worker also binds its own endpoint beside the
+frontend's, and clients on this machine send most requests there: the supervisor then answers the directory of
+workers (which slot is where, under which pid) and stays the control plane, out of the requests' way.
 Every accepted request is kept until exactly one reply has gone back: the worker's, or a typed error when its worker
 died twice under it (poison), its deadline passed, or the daemon stops. Workers are child processes in numbered
 slots; a slot whose worker dies is restarted with exponential back-off, and parked (reported, not retried in a hot
@@ -72,6 +75,8 @@ class Slot:
     parked: bool = False
     retiring: bool = False
     stop_sent: bool = False
+    busy_until: float = 0.0  # the worker may be silent until then: it serves a direct request
+    direct_endpoint: str | None = None
 
     @property
     def state(self) -> str:
@@ -109,6 +114,7 @@ class Supervisor:
         run_dir = settings.engine.data_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         self.backend_endpoint = f"ipc://{run_dir}/backend-{os.getpid()}.sock"
+        self.direct_base = direct_endpoint_base(settings.daemon)
 
     # --- start and stop -------------------------------------------------------------------------------------------
 
@@ -243,12 +249,17 @@ class Supervisor:
         argv = [sys.executable, "-m", "walredod.worker", "--slot", str(slot.index),
                 "--backend", self.backend_endpoint, "--credit", str(d.worker_credit),
                 "--heartbeat-interval", str(d.heartbeat_interval), "--cpu", str(cpu),
+                "--max-request-bytes", str(d.max_request_bytes),
                 "--engine-settings", self.settings.engine.model_dump_json()]
+        slot.direct_endpoint = f"{self.direct_base}-{slot.index}.sock" if self.direct_base else None
+        if slot.direct_endpoint:
+            argv += ["--direct", slot.direct_endpoint]
         slot.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
         slot.started_at = slot.last_seen = time.monotonic()
         slot.ready = False
         slot.identity = None
         slot.stop_sent = False
+        slot.busy_until = 0.0
         log.info("slot %d: worker %d started", slot.index, slot.process.pid)
 
     def _reap(self) -> None:
@@ -327,7 +338,9 @@ class Supervisor:
             self._dispatch_waiting()
         elif command == wire.HEARTBEAT and slot is not None:
             slot.last_seen = now
-            slot.served, slot.child_pid, slot.child_restarts = wire.HEARTBEAT_BODY.unpack(frames[2].buffer)
+            slot.served, slot.child_pid, slot.child_restarts, slot.busy_until = wire.HEARTBEAT_BODY.unpack(
+                frames[2].buffer)
+            self.metrics.set_served(slot.index, slot.served)
         elif command == wire.READY:
             index, pid, child_pid, credit = wire.READY_BODY.unpack(frames[2].buffer)
             slot = self.slots.get(index)
@@ -366,6 +379,9 @@ class Supervisor:
         if request == "status":
             self._send_client([client, *protocol.encode_reply(request_id, self.status_json())])
             return
+        if request == "directory":
+            self._send_client([client, *protocol.encode_reply(request_id, self.directory_json())])
+            return
         now = time.monotonic()
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.engine.request_timeout
         token = next(self.tokens)
@@ -385,6 +401,8 @@ class Supervisor:
         request = protocol.decode_request(body, records=False)
         if request.kind == protocol.KIND_STATUS:
             return "status"
+        if request.kind == protocol.KIND_DIRECTORY:
+            return "directory"
         if request.kind == protocol.KIND_PING:
             return None
         if self.slots and all(slot.parked for slot in self.slots.values()):
@@ -447,8 +465,9 @@ class Supervisor:
                 continue
             silent = now - slot.last_seen
             if slot.ready and silent > d.heartbeat_interval * d.heartbeat_liveness:
+                # Silence is allowed while the worker is inside a request it holds (ours or a direct one).
                 oldest = min((p.deadline for p in slot.in_flight.values()), default=0.0)
-                if not slot.in_flight or now > oldest + _GRACE:
+                if now > max(oldest, slot.busy_until) + _GRACE:
                     self._worker_gone(slot, "hung (missed heartbeats)")
                     continue
             if not slot.ready and now - slot.started_at > self.settings.engine.start_timeout + 10:
@@ -482,9 +501,33 @@ class Supervisor:
         return json.dumps({"pid": os.getpid(), "pending": len(self.pending), "waiting": len(self.waiting),
                            "stopping": self.stopping, "workers": workers}).encode()
 
+    def directory_json(self) -> bytes:
+        """Where clients may send requests directly: each slot's endpoint, the pid of its worker, and whether it
+        takes new work. A client re-sends through us whatever it had sent to a worker that is no longer listed
+        with the same pid (docs/client-protocol.md)."""
+        workers = [{"slot": s.index, "pid": s.process.pid if s.process else None, "endpoint": s.direct_endpoint,
+                    "ready": s.ready and not s.retiring and s.process is not None}
+                   for s in self.slots.values() if s.direct_endpoint]
+        return json.dumps({"direct": self.direct_base is not None and not self.stopping,
+                           "spill_factor": self.settings.daemon.spill_factor, "workers": workers}).encode()
+
     def _notify(self, message: str) -> None:
         if self._notifier is not None:
             self._notifier.notify(message)
+
+
+def direct_endpoint_base(daemon_settings) -> str | None:
+    """Workers' direct endpoints are named after the first ipc:// frontend endpoint (same directory, so the same
+    access rules): ``ipc:///run/walredod/walredod.sock`` gives ``.../walredod-worker-<slot>.sock``, named by slot so
+    clients' connections reach the slot's next worker after a restart. None (no direct path) without an ipc://
+    endpoint: tcp:// clients may be on other machines."""
+    if not daemon_settings.direct_data_path:
+        return None
+    for endpoint in daemon_settings.endpoints:
+        if endpoint.startswith("ipc://"):
+            stem = endpoint.removesuffix(".sock")
+            return f"{stem}-worker"
+    return None
 
 
 def _systemd_notifier():

@@ -1,15 +1,23 @@
-"""A worker process: one redo engine behind a DEALER socket on the supervisor's backend.
+"""A worker process: one redo engine, serving requests from the supervisor and, directly, from clients.
 
 The supervisor starts each worker as ``python -m walredod.worker`` (a fresh interpreter: ZeroMQ contexts do not
 survive fork). The worker announces itself READY with its credit, then serves requests in arrival order and
 heartbeats when idle. It dies with the supervisor (PR_SET_PDEATHSIG), and its redo children die with it (they see end
 of file on their stdin).
 
+Two sockets bring requests. The backend DEALER carries the supervisor's (control messages, and requests clients
+sent to the supervisor); the direct ROUTER, bound on the slot's own endpoint, takes clients' requests in the client
+protocol itself (docs/client-protocol.md, "Direct data path"), so the common request costs one ZeroMQ hop, not two.
+
 Backend messages (first frame after the routing identity is the command):
 
 - supervisor -> worker: ``REQ token deadline frames...`` | ``HB`` | ``STOP``
-- worker -> supervisor: ``READY slot pid child_pid credit`` | ``HB requests child_pid restarts`` |
+- worker -> supervisor: ``READY slot pid child_pid credit`` | ``HB requests child_pid restarts busy_until`` |
   ``REP token reply_header body``
+
+``busy_until`` is how long the worker may be silent: the latest deadline of the direct requests it has taken (0 once
+it has been idle a whole interval). A worker busy with a client's long request sends nothing, and the supervisor
+must not take that for a hang before the request's own deadline.
 """
 
 from __future__ import annotations
@@ -38,9 +46,10 @@ log = logging.getLogger("walredod.worker")
 
 READY, HEARTBEAT, REQUEST, REPLY, STOP = b"READY", b"HB", b"REQ", b"REP", b"STOP"
 READY_BODY = struct.Struct(">IIII")  # slot, pid, child pid, credit
-HEARTBEAT_BODY = struct.Struct(">QII")  # requests served, child pid, child restarts
+HEARTBEAT_BODY = struct.Struct(">QIId")  # requests served, child pid, child restarts, busy until
 DEADLINE = struct.Struct(">d")  # CLOCK_MONOTONIC seconds: one clock for every process on the machine
 _PR_SET_PDEATHSIG = 1
+_BURST = 64  # messages taken from one socket before looking at the other
 
 
 def die_with_parent() -> None:
@@ -54,56 +63,134 @@ def die_with_parent() -> None:
 
 class Worker:
     def __init__(self, slot: int, backend: str, engine_settings: EngineSettings, credit: int,
-                 heartbeat_interval: float):
+                 heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0):
         self.slot = slot
         self.credit = credit
         self.heartbeat_interval = heartbeat_interval
+        self.max_request_bytes = max_request_bytes
         self.requests = 0
         self._reported_child: int | None = None
+        self._busy_until = 0.0  # deadline of the direct request in hand, as last told to the supervisor
+        self._last_sent = 0.0
         self.engine = RedoEngine(engine_settings, name=f"worker-{slot}")
         self.context = zmq.Context(1)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.setsockopt(zmq.IDENTITY, f"w{slot}.{os.getpid()}".encode())
         self.socket.connect(backend)
+        self.direct = None
+        if direct:
+            self.direct = self.context.socket(zmq.ROUTER)
+            self.direct.setsockopt(zmq.LINGER, 1000)
+            self.direct.setsockopt(zmq.SNDHWM, 0)  # a reply waits for a slow reader; never dropped
+            self.direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
+            if max_request_bytes:
+                self.direct.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + 4096)
+            self.direct.bind(direct)
 
     def run(self) -> None:
-        send = self.socket.send_multipart
-        recv = self.socket.recv_multipart
-        send([READY, READY_BODY.pack(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit)])
-        last_sent = time.monotonic()
+        self._send([READY, READY_BODY.pack(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit)])
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        if self.direct is not None:
+            poller.register(self.direct, zmq.POLLIN)
+        backend_events = self.socket.getsockopt
+        direct_events = self.direct.getsockopt if self.direct is not None else None
         while True:
-            if not self.socket.poll(0):
+            # Checking a socket's EVENTS is much cheaper than a poll; poll only when both are empty.
+            busy_direct = direct_events is not None and direct_events(zmq.EVENTS) & zmq.POLLIN
+            busy_backend = backend_events(zmq.EVENTS) & zmq.POLLIN
+            if not (busy_direct or busy_backend):
                 self.engine.start_spare()  # idle: replace a spare used up by a takeover
-                if not self.socket.poll(self.heartbeat_interval * 1000):
-                    send([HEARTBEAT, self._heartbeat_body()])
-                    last_sent = time.monotonic()
-                    continue
-            frames = recv(copy=False)
-            command = frames[0].bytes
-            if command == REQUEST:
-                token = frames[1].bytes
-                deadline = DEADLINE.unpack(frames[2].buffer)[0]
-                reply = self.serve([b"", *(f.buffer for f in frames[3:])], deadline)
-                send([REPLY, token, *reply[1:]], copy=False)
-                last_sent = time.monotonic()
-            elif command == STOP:
+                if not poller.poll(self.heartbeat_interval * 1000):
+                    self._heartbeat(busy_until=0.0)  # idle a whole interval: silence from now on is a hang
+                continue
+            if busy_direct:
+                self._serve_direct()
+            if busy_backend and self._serve_backend():
                 return
-            child_changed = self.engine.child_pid != self._reported_child
-            if child_changed or time.monotonic() - last_sent >= self.heartbeat_interval:
-                send([HEARTBEAT, self._heartbeat_body()])
-                last_sent = time.monotonic()
+            if (self.engine.child_pid != self._reported_child
+                    or time.monotonic() - self._last_sent >= self.heartbeat_interval):
+                self._heartbeat()
 
-    def _heartbeat_body(self) -> bytes:
+    def _send(self, frames: list) -> None:
+        self.socket.send_multipart(frames, copy=False)
+        self._last_sent = time.monotonic()
+
+    def _heartbeat(self, busy_until: float | None = None) -> None:
+        if busy_until is not None:
+            self._busy_until = busy_until
         restarts = sum(self.engine.stats.restarts.values())
         self._reported_child = self.engine.child_pid
-        return HEARTBEAT_BODY.pack(self.requests, self.engine.child_pid or 0, restarts)
+        self._send([HEARTBEAT, HEARTBEAT_BODY.pack(self.requests, self.engine.child_pid or 0, restarts,
+                                                   self._busy_until)])
 
-    def serve(self, frames: list, deadline: float) -> list:
-        """One request's reply frames: the page, or a typed error."""
+    def _serve_backend(self) -> bool:
+        """Requests and commands from the supervisor; True when told to stop."""
+        recv = self.socket.recv_multipart
+        for _ in range(_BURST):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            command = frames[0].bytes
+            if command == REQUEST:
+                deadline = DEADLINE.unpack(frames[2].buffer)[0]
+                reply = self.serve([b"", *(f.buffer for f in frames[3:])], deadline)
+                self._send([REPLY, frames[1], *reply[1:]])
+            elif command == STOP:
+                self._finish_direct()
+                return True
+        return False
+
+    def _serve_direct(self, until_empty: bool = False) -> None:
+        """Requests clients sent straight to this worker: [identity, delimiter, header, ...] in, the same reply
+        frames as the supervisor's out."""
+        recv, send = self.direct.recv_multipart, self.direct.send_multipart
+        served = 0
+        while until_empty or served < _BURST:
+            served += 1
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            body = [f.buffer for f in frames[1:]]
+            reply = self.serve(body, None)
+            try:
+                send([frames[0], *reply], copy=False)
+            except zmq.ZMQError:  # the client left: nobody to answer
+                pass
+
+    def _finish_direct(self) -> None:
+        """Before stopping, answer what clients already sent; later arrivals are theirs to re-send (the directory
+        no longer lists this worker)."""
+        if self.direct is not None:
+            self._serve_direct(until_empty=True)
+
+    def _expect_busy(self, deadline: float) -> None:
+        """Tell the supervisor, before a direct request, how long we may be silent (one message per heartbeat
+        interval at most under steady traffic)."""
+        if deadline > self._busy_until + self.heartbeat_interval:
+            self._heartbeat(busy_until=deadline)
+
+    def serve(self, frames: list, deadline: float | None) -> list:
+        """One request's reply frames: the page, or a typed error. ``deadline`` None: a direct request, whose
+        deadline is its own timeout from now."""
         request_id = protocol.peek_request_id(frames) or 0
         try:
+            if deadline is None:
+                size = sum(len(f) for f in frames)
+                if self.max_request_bytes and size > self.max_request_bytes:
+                    raise InvalidRequest(f"request of {size} bytes is over the limit of {self.max_request_bytes}")
             request = protocol.decode_request(frames)
+            if request.kind == protocol.KIND_PING:
+                return protocol.encode_reply(request_id, b"")
+            if request.kind != protocol.KIND_REDO:
+                raise InvalidRequest("status and directory requests go to the supervisor, not to a worker")
+            if deadline is None:
+                timeout = request.timeout_ms / 1000 if request.timeout_ms else self.engine.settings.request_timeout
+                deadline = time.monotonic() + timeout
+                self._expect_busy(deadline)
             page = self.redo(request, deadline)
         except WalredodError as error:
             return protocol.encode_error(request_id, error)
@@ -143,6 +230,8 @@ class Worker:
 
     def close(self) -> None:
         self.engine.close()
+        if self.direct is not None:
+            self.direct.close(linger=1000)
         self.socket.close(linger=1000)
         self.context.term()
 
@@ -154,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--credit", type=int, required=True)
     parser.add_argument("--heartbeat-interval", type=float, required=True)
     parser.add_argument("--cpu", type=int, default=-1, help="CPU for this worker and its redo children (-1: any)")
+    parser.add_argument("--direct", default=None, help="endpoint of the direct data path (none: supervisor only)")
+    parser.add_argument("--max-request-bytes", type=int, default=0, help="largest direct request accepted")
     parser.add_argument("--engine-settings", required=True, help="EngineSettings as JSON")
     args = parser.parse_args(argv)
     die_with_parent()
@@ -165,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     settings = EngineSettings.model_validate(json.loads(args.engine_settings))
     try:
-        worker = Worker(args.slot, args.backend, settings, args.credit, args.heartbeat_interval)
+        worker = Worker(args.slot, args.backend, settings, args.credit, args.heartbeat_interval, args.direct,
+                        args.max_request_bytes)
     except WalredodError as error:
         log.error("worker %d cannot start: %s", args.slot, error)
         return 3

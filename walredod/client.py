@@ -17,11 +17,13 @@ import itertools
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 
 from walredod import protocol
+from walredod.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BufferTag, WalRecord
 
@@ -30,6 +32,34 @@ _TRANSPORT_MARGIN = 1.0  # the daemon answers a timeout itself; wait a little lo
 PIPELINE_WINDOW = 64
 
 RedoArgs = tuple[BufferTag, int, bytes | None, Sequence[WalRecord]]
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A request in flight: its place in the results, its frames (kept for a re-send), the worker it went to
+    directly (None: through the supervisor)."""
+
+    index: int
+    frames: list
+    worker: DirectWorker | None = None
+
+
+def _dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)  # replies are never dropped on our side
+    sock.connect(endpoint)
+    return sock
+
+
+def _drain(sock: zmq.Socket, limit: int = 256):
+    """Every reply already waiting on ``sock`` (at most ``limit``), without blocking."""
+    recv = sock.recv_multipart
+    for _ in range(limit):
+        try:
+            yield recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def _check_args(tag, base_image: bytes | None) -> None:
@@ -53,23 +83,32 @@ def _result(frames: list) -> tuple[int, bytes | WalredodError]:
 
 
 class RedoClient:
-    """Blocking client. Not thread-safe: one per thread (ZeroMQ sockets belong to one thread)."""
+    """Blocking client. Not thread-safe: one per thread (ZeroMQ sockets belong to one thread).
 
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None):
+    On an ipc:// endpoint the client uses the daemon's direct data path when the daemon offers it (``direct``): it
+    asks the supervisor once for the directory of workers, sends each request straight to the worker the
+    supervisor's own rendezvous ranking picks for its relation (spilling over, as the supervisor does, when one
+    worker holds more than its share of this client's requests), and re-sends through the supervisor whatever it
+    had sent to a worker that has since died, retired or been replaced. Results are the same either way.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None,
+                 direct: bool = True):
         self.endpoint = endpoint
         self.timeout = timeout
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 16)
         self._socket = None
+        self._control_socket = None
         self._connect()
+        self._direct = WorkerDirectory(self._context) if direct and endpoint.startswith("ipc://") else None
 
     def _connect(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)  # replies are never dropped on our side
-        self._socket.connect(self.endpoint)
+        for sock in (self._socket, self._control_socket):
+            if sock is not None:
+                sock.close(linger=0)
+        self._socket = _dealer(self._context, self.endpoint)
+        self._control_socket = _dealer(self._context, self.endpoint)  # replies to requests never mix with these
 
     def redo(self, tag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
              timeout: float | None = None) -> bytes | None:
@@ -93,38 +132,97 @@ class RedoClient:
         timeout = self.timeout if timeout is None else timeout
         timeout_ms = max(1, int(timeout * 1000))
         pending = list(requests)
-        results: list = [None] * len(pending)
-        slot_of: dict[int, int] = {}
-        sent = 0
-        deadline = time.monotonic() + timeout + _TRANSPORT_MARGIN
         for tag, _lsn, base, _records in pending:
             _check_args(tag, base)
-        while sent < len(pending) or slot_of:
-            while sent < len(pending) and len(slot_of) < PIPELINE_WINDOW:
+        results: list = [None] * len(pending)
+        flights: dict[int, _Flight] = {}
+        directory = self._direct_directory(timeout)
+        sent = 0
+        deadline = time.monotonic() + timeout + _TRANSPORT_MARGIN
+        while sent < len(pending) or flights:
+            while sent < len(pending) and len(flights) < PIPELINE_WINDOW:
                 tag, lsn, base, records = pending[sent]
                 request_id = next(self._ids)
-                slot_of[request_id] = sent
-                self._socket.send_multipart(
-                    protocol.encode_redo_request(request_id, tag, lsn, base, records, timeout_ms), copy=False)
+                frames = protocol.encode_redo_request(request_id, tag, lsn, base, records, timeout_ms)
+                flight = _Flight(sent, frames)
+                if directory is not None:
+                    flight.worker = directory.choose(protocol.routing_key(tag))
+                self._send(flight)
+                flights[request_id] = flight
                 sent += 1
                 deadline = time.monotonic() + timeout + _TRANSPORT_MARGIN
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._socket.poll(remaining * 1000):
-                self._connect()  # late replies to a closed socket are lost; ids guard against the rest
-                for index in slot_of.values():
-                    results[index] = (RedoTimeout if sent else Unavailable)(
-                        f"no reply from {self.endpoint} within {timeout:g} s")
-                slot_of.clear()
+            now = time.monotonic()
+            if now >= deadline:
+                self._give_up(flights, results, timeout, answered_any=sent > 0)
                 break
-            request_id, result = _result(self._socket.recv_multipart())
-            index = slot_of.pop(request_id, None)
-            if index is not None:
-                results[index] = result if isinstance(result, WalredodError) else _object_or_none(result)
+            wait = deadline - now
+            direct_in_flight = directory is not None and any(f.worker for f in flights.values())
+            if direct_in_flight:
+                wait = min(wait, DIRECT_CHECK_INTERVAL)
+            sockets = [self._socket, *(directory.sockets_in_use() if directory is not None else ())]
+            ready = zmq.select(sockets, [], [], wait)[0]
+            if not ready:
+                if direct_in_flight:
+                    self._recheck_direct(directory, flights)
+                continue
+            for sock in ready:
+                for frames in _drain(sock):
+                    request_id, result = _result(frames)
+                    flight = flights.pop(request_id, None)
+                    if flight is None:
+                        continue  # a late or duplicate reply: its request was answered or given up on
+                    if flight.worker is not None:
+                        directory.release(flight.worker)
+                    results[flight.index] = result if isinstance(result, WalredodError) else _object_or_none(result)
         if not return_exceptions:
             for result in results:
                 if isinstance(result, WalredodError):
                     raise result
         return results
+
+    def _send(self, flight: _Flight) -> None:
+        if flight.worker is not None:
+            flight.worker.socket.send_multipart(flight.frames, copy=False)
+        else:
+            self._socket.send_multipart(flight.frames, copy=False)
+
+    def _direct_directory(self, timeout: float) -> WorkerDirectory | None:
+        """The workers to send to directly, refreshed when stale; None when the daemon offers no direct path."""
+        if self._direct is None:
+            return None
+        if self._direct.stale():
+            try:
+                self._direct.update(self._control(protocol.KIND_DIRECTORY, min(timeout, 5.0))[1])
+            except InvalidRequest:  # a daemon from before the direct path
+                self._direct.close()
+                self._direct = None
+                return None
+            except (Unavailable, ValueError):
+                self._direct.clear()  # the supervisor does not answer: everything goes its way and waits
+        return self._direct if self._direct.usable() else None
+
+    def _recheck_direct(self, directory: WorkerDirectory, flights: dict[int, _Flight]) -> None:
+        """No reply for a while: ask the supervisor whether the workers we wait on still live. Requests sent to a
+        worker that has died, retired or been replaced are re-sent through the supervisor (redo is a pure function,
+        so a request that ran twice is harmless; the first reply wins)."""
+        try:
+            directory.update(self._control(protocol.KIND_DIRECTORY, 2.0)[1])
+        except (Unavailable, InvalidRequest, ValueError):
+            directory.clear()
+        for flight in flights.values():
+            if flight.worker is not None and not directory.still_serving(flight.worker):
+                directory.release(flight.worker)
+                flight.worker = None
+                self._send(flight)
+
+    def _give_up(self, flights: dict[int, _Flight], results: list, timeout: float, answered_any: bool) -> None:
+        self._connect()  # late replies to a closed socket are lost; ids guard against the rest
+        if self._direct is not None:
+            self._direct.reset_sockets()
+        for flight in flights.values():
+            results[flight.index] = (RedoTimeout if answered_any else Unavailable)(
+                f"no reply from {self.endpoint} within {timeout:g} s")
+        flights.clear()
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the supervisor, in seconds. Raises Unavailable when it does not answer."""
@@ -138,21 +236,26 @@ class RedoClient:
     def _control(self, kind: int, timeout: float) -> tuple[float, bytes]:
         request_id = next(self._ids)
         started = time.monotonic()
-        self._socket.send_multipart(protocol.encode_ping(request_id, kind))
+        sock = self._control_socket
+        sock.send_multipart(protocol.encode_ping(request_id, kind))
         deadline = started + timeout
-        while (remaining := deadline - time.monotonic()) > 0 and self._socket.poll(remaining * 1000):
-            got_id, result = _result(self._socket.recv_multipart())
+        while (remaining := deadline - time.monotonic()) > 0 and sock.poll(remaining * 1000):
+            got_id, result = _result(sock.recv_multipart())
             if got_id == request_id:
                 if isinstance(result, WalredodError):
                     raise result
                 return time.monotonic() - started, result
-        self._connect()
+        self._control_socket.close(linger=0)
+        self._control_socket = _dealer(self._context, self.endpoint)
         raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s")
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        for sock in (self._socket, self._control_socket):
+            if sock is not None:
+                sock.close(linger=0)
+        self._socket = self._control_socket = None
+        if self._direct is not None:
+            self._direct.close()
 
     def __enter__(self) -> RedoClient:
         return self

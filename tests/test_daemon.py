@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -145,19 +146,25 @@ def test_one_relation_stays_on_one_worker_and_a_hot_one_spills(daemon, real_requ
         by_relation.setdefault(request[0].relation, []).append(request)
     same = max(by_relation.values(), key=len)[:5]
     assert len(same) == 5
-    before = {w["slot"]: w["served"] for w in daemon.workers()}
-    for _ in range(40):
-        for tag, lsn, base, records, expected in same:
-            assert daemon.client.redo(tag, lsn, base, records) == expected
-    time.sleep(0.5)  # served counts travel with heartbeats
-    grew = {w["slot"]: w["served"] - before[w["slot"]] for w in daemon.workers()}
-    assert sorted(grew.values()) == [0, 200], grew  # sequential: always the relation's own worker
+    through_supervisor = RedoClient(daemon.endpoint, direct=False)
+    for client in (daemon.client, through_supervisor):  # both data paths
+        before = served_counts(daemon)
+        for _ in range(40):
+            for tag, lsn, base, records, expected in same:
+                assert client.redo(tag, lsn, base, records) == expected
+        grew = {slot: count - before[slot] for slot, count in served_counts(daemon).items()}
+        assert sorted(grew.values()) == [0, 200], grew  # sequential: always the relation's own worker
 
-    before = {w["slot"]: w["served"] for w in daemon.workers()}
-    check_all(daemon.client.redo_many([r[:4] for r in same] * 400), same * 400)  # 64 in flight: over the bound
-    time.sleep(0.5)
-    grew = {w["slot"]: w["served"] - before[w["slot"]] for w in daemon.workers()}
-    assert min(grew.values()) > 100, grew  # the hot relation used the whole pool
+        before = served_counts(daemon)
+        check_all(client.redo_many([r[:4] for r in same] * 400), same * 400)  # 64 in flight: over the bound
+        grew = {slot: count - before[slot] for slot, count in served_counts(daemon).items()}
+        assert min(grew.values()) > 100, grew  # the hot relation used the whole pool
+    through_supervisor.close()
+
+
+def served_counts(daemon) -> dict[int, int]:
+    time.sleep(0.5)  # served counts travel with heartbeats
+    return {w["slot"]: w["served"] for w in daemon.workers()}
 
 
 def test_poison_request(daemon, real_requests, panicking_request):
@@ -169,12 +176,12 @@ def test_poison_request(daemon, real_requests, panicking_request):
 
 # --- faults under load --------------------------------------------------------------------------------------------
 
-def run_under_load(daemon, real_requests, fault, timeout=30.0):
+def run_under_load(daemon, real_requests, fault, timeout=30.0, direct=True):
     """Pipeline every request from another thread while ``fault`` happens; returns (results, seconds)."""
     outcome = {}
 
     def load():
-        with RedoClient(daemon.endpoint, timeout=timeout) as client:
+        with RedoClient(daemon.endpoint, timeout=timeout, direct=direct) as client:
             started = time.monotonic()
             outcome["results"] = client.redo_many([r[:4] for r in real_requests * 2], return_exceptions=True)
             outcome["seconds"] = time.monotonic() - started
@@ -196,8 +203,11 @@ def assert_answered(results, real_requests, allowed=()):
             assert result == expected
 
 
-def test_worker_killed_under_load(daemon, real_requests):
-    victim = daemon.workers()[0]["pid"]
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-supervisor"])
+def test_worker_killed_under_load(daemon, real_requests, direct):
+    """Direct requests in flight on the dead worker are re-sent by the client through the supervisor; the
+    supervisor's own are re-dispatched by it."""
+    victim = daemon.wait_ready(2)[0]["pid"]
     resumed_after = []
 
     def kill_and_time_the_next_request():
@@ -208,7 +218,7 @@ def test_worker_killed_under_load(daemon, real_requests):
             assert client.redo(tag, lsn, base, records) == expected
         resumed_after.append(time.monotonic() - started)
 
-    results = run_under_load(daemon, real_requests, kill_and_time_the_next_request)
+    results = run_under_load(daemon, real_requests, kill_and_time_the_next_request, direct=direct)
     assert resumed_after[0] < 1.0
     assert_answered(results, real_requests)  # its requests went to the other worker: no error at all
     workers = daemon.wait_ready(2, timeout=10)
@@ -224,7 +234,9 @@ def test_redo_child_killed_under_load(daemon, real_requests):
 
 
 def test_redo_child_stopped_past_the_timeout(daemon, real_requests):
-    victim = daemon.wait_ready(2)[0]["child_pid"]
+    """The worker waits on its hung child for the request's timeout, silent; the supervisor must not take it for a
+    hung worker (the direct request's deadline, sent ahead, says how long it may be silent)."""
+    worker, victim = (daemon.wait_ready(2)[0][key] for key in ("pid", "child_pid"))
     os.kill(victim, signal.SIGSTOP)
     tag, lsn, base, records, expected = next(r for r in real_requests
                                              if r[0].relation == real_requests[0][0].relation)
@@ -242,16 +254,32 @@ def test_redo_child_stopped_past_the_timeout(daemon, real_requests):
     check_all([r for r in flat if not isinstance(r, Exception)],
               [q for r, q in zip(flat, real_requests[:200]) if not isinstance(r, Exception)])
     assert daemon.client.redo(tag, lsn, base, records) == expected  # resumed
+    assert worker in [w["pid"] for w in daemon.workers()]
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def raw(daemon):
+def raw_socket(endpoint: str):
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, 10_000)
-    socket.connect(daemon.endpoint)
+    socket.connect(endpoint)
+    return socket
+
+
+def directory(daemon) -> dict:
+    with raw_socket(daemon.endpoint) as socket:
+        socket.send_multipart(protocol.encode_ping(5, protocol.KIND_DIRECTORY))
+        request_id, status, body = protocol.decode_reply(socket.recv_multipart())
+    assert (request_id, status) == (5, protocol.STATUS_OK)
+    return json.loads(body)
+
+
+@pytest.fixture(params=["supervisor", "worker"])
+def raw(daemon, request):
+    """A bare DEALER on the daemon's endpoint, or on a worker's direct endpoint."""
+    endpoint = daemon.endpoint if request.param == "supervisor" else directory(daemon)["workers"][0]["endpoint"]
+    socket = raw_socket(endpoint)
     yield socket
     socket.close()
 
@@ -290,8 +318,25 @@ def test_malformed_frames(daemon, raw, real_requests):
     assert daemon.client.redo(tag, lsn, base, records) == expected
 
 
-def test_flood_past_the_limit(daemon, raw, real_requests):
-    """More requests at once than max_pending: the excess is refused as unavailable, everything is answered."""
+def test_directory_lists_the_workers_direct_endpoints(daemon, real_requests):
+    workers = daemon.wait_ready(2)
+    listed = directory(daemon)
+    assert listed["direct"] is True
+    assert [(w["slot"], w["pid"], w["ready"]) for w in listed["workers"]] == [
+        (w["slot"], w["pid"], True) for w in workers]
+    assert {w["endpoint"] for w in listed["workers"]} == {
+        f"ipc://{daemon.root}/walredod-worker-{slot}.sock" for slot in (0, 1)}
+    with raw_socket(listed["workers"][1]["endpoint"]) as socket:  # a worker answers pings, and only redo else
+        socket.send_multipart(protocol.encode_ping(8))
+        assert protocol.decode_reply(socket.recv_multipart())[:2] == (8, protocol.STATUS_OK)
+        got = reply_error(socket, protocol.encode_ping(9, protocol.KIND_STATUS))
+        assert isinstance(got, InvalidRequest) and "supervisor" in str(got)
+
+
+def test_flood_past_the_limit(daemon, real_requests):
+    """More requests at once than max_pending: the excess is refused as unavailable, everything is answered.
+    (A worker's direct endpoint holds no queue of its own to bound: ZeroMQ's high-water marks push back instead.)"""
+    raw = raw_socket(daemon.endpoint)
     tag, lsn, base, records, expected = real_requests[0]
     count = 5000
     for i in range(count):
@@ -306,6 +351,7 @@ def test_flood_past_the_limit(daemon, raw, real_requests):
     assert set(statuses.values()) <= {protocol.STATUS_OK, protocol.STATUS_CODES["unavailable"]}
     assert protocol.STATUS_CODES["unavailable"] in statuses.values()
     assert daemon.client.redo(tag, lsn, base, records) == expected
+    raw.close()
 
 
 # --- operations ---------------------------------------------------------------------------------------------------
@@ -315,6 +361,9 @@ def test_metrics_endpoint(daemon):
     assert 'walredod_requests_total{status="ok"}' in text
     assert "walredod_request_seconds_bucket" in text
     assert "walredod_worker_restarts_total" in text
+    served = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("walredod_worker_requests_served{")]
+    assert len(served) == 2 and sum(served) > 0  # direct requests are counted too, from the workers' heartbeats
 
 
 def test_status_command(daemon):

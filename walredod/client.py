@@ -265,37 +265,51 @@ class RedoClient:
 
 
 class AsyncRedoClient:
-    """asyncio client: any number of concurrent ``await client.redo(...)`` share one socket."""
+    """asyncio client: any number of concurrent ``await client.redo(...)`` share its sockets.
 
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT):
+    Uses the direct data path as RedoClient does: a reader task per socket, and while direct requests wait, a
+    check every DIRECT_CHECK_INTERVAL without replies that re-sends through the supervisor what a departed worker
+    held.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, direct: bool = True):
         self.endpoint = endpoint
         self.timeout = timeout
         self._context = zmq.asyncio.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        self._socket.connect(endpoint)
+        self._socket = _dealer(self._context, endpoint)
+        self._control_socket = _dealer(self._context, endpoint)
+        self._control_lock = asyncio.Lock()
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 16)
-        self._waiting: dict[int, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
+        self._waiting: dict[int, tuple[_Flight, asyncio.Future]] = {}
+        self._readers: dict[zmq.Socket, asyncio.Task] = {}
+        self._checker: asyncio.Task | None = None
+        self._last_reply = time.monotonic()
+        self._direct = WorkerDirectory(self._context) if direct and endpoint.startswith("ipc://") else None
 
     async def redo(self, tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
                    timeout: float | None = None) -> bytes:
         _check_args(tag, base_image)
         timeout = self.timeout if timeout is None else timeout
         request_id = next(self._ids)
+        flight = _Flight(0, protocol.encode_redo_request(request_id, tag, lsn, base_image, records,
+                                                         max(1, int(timeout * 1000))))
+        directory = await self._direct_directory(timeout)
+        if directory is not None:
+            flight.worker = directory.choose(protocol.routing_key(tag))
         future = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_replies())
+        self._waiting[request_id] = (flight, future)
         try:
-            await self._socket.send_multipart(protocol.encode_redo_request(
-                request_id, tag, lsn, base_image, records, max(1, int(timeout * 1000))), copy=False)
+            await self._send(flight)
+            if flight.worker is not None and (self._checker is None or self._checker.done()):
+                self._checker = asyncio.create_task(self._check_direct())
             result = await asyncio.wait_for(future, timeout + _TRANSPORT_MARGIN)
         except asyncio.TimeoutError:
             raise RedoTimeout(f"no reply from {self.endpoint} within {timeout:g} s") from None
         finally:
             self._waiting.pop(request_id, None)
+            if flight.worker is not None:
+                WorkerDirectory.release(flight.worker)
+                flight.worker = None
         if isinstance(result, WalredodError):
             raise result
         return _object_or_none(result)
@@ -305,18 +319,78 @@ class AsyncRedoClient:
         return await asyncio.gather(*(self.redo(*args, timeout=timeout) for args in requests),
                                     return_exceptions=return_exceptions)
 
-    async def _read_replies(self) -> None:
+    async def _send(self, flight: _Flight) -> None:
+        sock = flight.worker.socket if flight.worker is not None else self._socket
+        reader = self._readers.get(sock)
+        if reader is None or reader.done():
+            self._readers[sock] = asyncio.create_task(self._read_replies(sock))
+        await sock.send_multipart(flight.frames, copy=False)
+
+    async def _read_replies(self, sock: zmq.Socket) -> None:
         while self._waiting:
-            frames = await self._socket.recv_multipart()
+            frames = await sock.recv_multipart()
+            self._last_reply = time.monotonic()
             request_id, result = _result(frames)
-            future = self._waiting.get(request_id)
+            _flight, future = self._waiting.get(request_id, (None, None))
             if future is not None and not future.done():
                 future.set_result(result)
 
+    async def _direct_directory(self, timeout: float) -> WorkerDirectory | None:
+        if self._direct is None:
+            return None
+        if self._direct.stale():
+            try:
+                self._direct.update(await self._control(protocol.KIND_DIRECTORY, min(timeout, 5.0)))
+            except InvalidRequest:  # a daemon from before the direct path
+                self._direct.close()
+                self._direct = None
+                return None
+            except (Unavailable, ValueError):
+                self._direct.clear()
+        return self._direct if self._direct.usable() else None
+
+    async def _check_direct(self) -> None:
+        """While direct requests wait: after DIRECT_CHECK_INTERVAL without any reply, re-send through the
+        supervisor those whose worker the directory no longer lists under the same pid."""
+        directory = self._direct
+        while any(flight.worker is not None for flight, _ in self._waiting.values()):
+            await asyncio.sleep(DIRECT_CHECK_INTERVAL)
+            if time.monotonic() - self._last_reply < DIRECT_CHECK_INTERVAL:
+                continue
+            try:
+                directory.update(await self._control(protocol.KIND_DIRECTORY, 2.0))
+            except (Unavailable, InvalidRequest, ValueError):
+                directory.clear()
+            for flight, future in list(self._waiting.values()):
+                if flight.worker is not None and not future.done() and not directory.still_serving(flight.worker):
+                    WorkerDirectory.release(flight.worker)
+                    flight.worker = None
+                    await self._send(flight)
+
+    async def _control(self, kind: int, timeout: float) -> bytes:
+        async with self._control_lock:  # one control request at a time on the control socket
+            request_id = next(self._ids)
+            sock = self._control_socket
+            await sock.send_multipart(protocol.encode_ping(request_id, kind))
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0 and await sock.poll(remaining * 1000):
+                got_id, result = _result(await sock.recv_multipart())
+                if got_id == request_id:
+                    if isinstance(result, WalredodError):
+                        raise result
+                    return result
+            sock.close(linger=0)
+            self._control_socket = _dealer(self._context, self.endpoint)
+            raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s")
+
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (*self._readers.values(), self._checker):
+            if task is not None:
+                task.cancel()
         self._socket.close(linger=0)
+        self._control_socket.close(linger=0)
+        if self._direct is not None:
+            self._direct.close()
 
     async def __aenter__(self) -> AsyncRedoClient:
         return self

@@ -132,12 +132,29 @@ def test_objects_through_the_daemon_match_postgres(daemon, scenario):
     assert daemon.client.redo_many(requests) == expected
 
 
-def test_async_client(daemon, real_requests):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-supervisor"])
+def test_async_client(daemon, real_requests, direct):
     async def run():
-        async with AsyncRedoClient(daemon.endpoint) as client:
+        async with AsyncRedoClient(daemon.endpoint, direct=direct) as client:
             return await client.redo_many([r[:4] for r in real_requests[:300]])
 
     check_all(asyncio.run(run()), real_requests[:300])
+
+
+def test_async_client_when_a_worker_is_killed(daemon, real_requests):
+    """What the async client had sent straight to the killed worker is re-sent through the supervisor."""
+    victim = daemon.wait_ready(2)[1]["pid"]
+
+    async def run():
+        async with AsyncRedoClient(daemon.endpoint, timeout=30) as client:
+            load = asyncio.ensure_future(client.redo_many([r[:4] for r in real_requests * 2],
+                                                          return_exceptions=True))
+            await asyncio.sleep(0.3)
+            os.kill(victim, signal.SIGKILL)
+            return await load
+
+    assert_answered(asyncio.run(run()), real_requests)
+    assert victim not in [w["pid"] for w in daemon.wait_ready(2, timeout=10)]
 
 
 def test_one_relation_stays_on_one_worker_and_a_hot_one_spills(daemon, real_requests):

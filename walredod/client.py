@@ -30,6 +30,7 @@ from walredod.types import BufferTag, WalRecord
 DEFAULT_TIMEOUT = 60.0
 _TRANSPORT_MARGIN = 1.0  # the daemon answers a timeout itself; wait a little longer for that answer
 PIPELINE_WINDOW = 64
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
 
 RedoArgs = tuple[BufferTag, int, bytes | None, Sequence[WalRecord]]
 
@@ -57,7 +58,7 @@ def _drain(sock: zmq.Socket, limit: int = 256):
     recv = sock.recv_multipart
     for _ in range(limit):
         try:
-            yield recv(zmq.NOBLOCK)
+            yield recv(_NOBLOCK)
         except zmq.Again:
             return
 
@@ -182,9 +183,9 @@ class RedoClient:
 
     def _send(self, flight: _Flight) -> None:
         if flight.worker is not None:
-            flight.worker.socket.send_multipart(flight.frames, copy=False)
+            protocol.send_frames(flight.worker.socket, flight.frames)
         else:
-            self._socket.send_multipart(flight.frames, copy=False)
+            protocol.send_frames(self._socket, flight.frames)
 
     def _direct_directory(self, timeout: float) -> WorkerDirectory | None:
         """The workers to send to directly, refreshed when stale; None when the daemon offers no direct path."""

@@ -309,7 +309,7 @@ class Supervisor:
         slot.next_start = time.monotonic() + (backoff if slot.failed_starts else 0.0)
 
     def _send_worker(self, slot: Slot, frames: list) -> None:
-        self.backend.send_multipart([slot.identity, *frames], copy=False)
+        protocol.send_frames(self.backend, [slot.identity, *frames])
 
     def _drain_backend(self) -> None:
         recv, events = self.backend.recv_multipart, self.backend.getsockopt
@@ -436,7 +436,7 @@ class Supervisor:
 
     def _send_client(self, frames: list) -> None:
         try:
-            self.frontend.send_multipart(frames, copy=False)
+            protocol.send_frames(self.frontend, frames)
         except zmq.ZMQError as exc:  # the client disconnected: nobody is left to answer
             log.debug("reply to a departed client dropped: %s", exc)
 

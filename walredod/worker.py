@@ -50,6 +50,7 @@ HEARTBEAT_BODY = struct.Struct(">QIId")  # requests served, child pid, child res
 DEADLINE = struct.Struct(">d")  # CLOCK_MONOTONIC seconds: one clock for every process on the machine
 _PR_SET_PDEATHSIG = 1
 _BURST = 64  # messages taken from one socket before looking at the other
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
 
 
 def die_with_parent() -> None:
@@ -61,18 +62,85 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+class RequestServer:
+    """What a worker does with one request, sockets aside: check and decode it, rebuild the page or object, and
+    encode the reply. (bench/daemon_study.py times it against the engine alone: our per-request Python.)"""
+
+    def __init__(self, engine: RedoEngine, name: str, max_request_bytes: int = 0,
+                 expect_busy=lambda deadline: None):
+        self.engine = engine
+        self.name = name
+        self.max_request_bytes = max_request_bytes
+        self.expect_busy = expect_busy  # told a direct request's deadline before the work starts
+        self.requests = 0
+
+    def serve(self, frames: list, deadline: float | None) -> list:
+        """One request's reply frames: the page, or a typed error. ``deadline`` None: a direct request, whose
+        deadline is its own timeout from now."""
+        request_id = protocol.peek_request_id(frames) or 0
+        try:
+            if deadline is None:
+                size = sum(len(f) for f in frames)
+                if self.max_request_bytes and size > self.max_request_bytes:
+                    raise InvalidRequest(f"request of {size} bytes is over the limit of {self.max_request_bytes}")
+            request = protocol.decode_request(frames)
+            if request.kind == protocol.KIND_PING:
+                return protocol.encode_reply(request_id, b"")
+            if request.kind != protocol.KIND_REDO:
+                raise InvalidRequest("status and directory requests go to the supervisor, not to a worker")
+            if deadline is None:
+                timeout = request.timeout_ms / 1000 if request.timeout_ms else self.engine.settings.request_timeout
+                deadline = time.monotonic() + timeout
+                self.expect_busy(deadline)
+            page = self.redo(request, deadline)
+        except WalredodError as error:
+            return protocol.encode_error(request_id, error)
+        except Exception as error:  # a bug of ours: answer it, keep serving
+            log.exception("%s: request %d failed", self.name, request_id)
+            return protocol.encode_error(request_id, WalredodError(f"internal error: {error!r}"))
+        self.requests += 1
+        return protocol.encode_reply(request.request_id, page)
+
+    def redo(self, request: protocol.Request, deadline: float) -> bytes:
+        if not isinstance(request.tag, BufferTag):
+            # pg_xact, MultiXact, relation-map and two-phase objects: rebuilt here, in Python. An object that
+            # does not exist (a finished prepared transaction) is answered with an empty body.
+            return rebuild_object(request.tag, request.base_image, request.records) or b""
+        records = request.records
+        for attempt in (1, 2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RedoTimeout("the request's deadline passed before it could be served")
+            try:
+                if request.tag.forknum == ForkNumber.VISIBILITYMAP and any(
+                        synthesized.is_synthesized(r.data) for r in records):
+                    page = rebuild_visibility_map_page(self.engine, request.tag, request.lsn, request.base_image,
+                                                       records, timeout=remaining)
+                    return page or b""  # cut off by a truncation
+                return self.engine.redo(request.tag, request.lsn, request.base_image, records, timeout=remaining)
+            except InvalidRequest:
+                raise
+            except RedoFailed as failure:
+                # Redo is a pure function: a child death may be the machine's fault, so try once more on the
+                # spare; a request that kills two children is poison.
+                if attempt == 2:
+                    raise PoisonRequest(f"the request killed the redo child twice: {failure}") from None
+                log.warning("%s: request %d killed a redo child (%s); trying once more",
+                            self.name, request.request_id, failure)
+        raise AssertionError("unreachable")
+
+
 class Worker:
     def __init__(self, slot: int, backend: str, engine_settings: EngineSettings, credit: int,
                  heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0):
         self.slot = slot
         self.credit = credit
         self.heartbeat_interval = heartbeat_interval
-        self.max_request_bytes = max_request_bytes
-        self.requests = 0
         self._reported_child: int | None = None
         self._busy_until = 0.0  # deadline of the direct request in hand, as last told to the supervisor
         self._last_sent = 0.0
         self.engine = RedoEngine(engine_settings, name=f"worker-{slot}")
+        self.server = RequestServer(self.engine, f"worker {slot}", max_request_bytes, self._expect_busy)
         self.context = zmq.Context(1)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 1000)
@@ -114,7 +182,7 @@ class Worker:
                 self._heartbeat()
 
     def _send(self, frames: list) -> None:
-        self.socket.send_multipart(frames, copy=False)
+        protocol.send_frames(self.socket, frames)
         self._last_sent = time.monotonic()
 
     def _heartbeat(self, busy_until: float | None = None) -> None:
@@ -122,7 +190,7 @@ class Worker:
             self._busy_until = busy_until
         restarts = sum(self.engine.stats.restarts.values())
         self._reported_child = self.engine.child_pid
-        self._send([HEARTBEAT, HEARTBEAT_BODY.pack(self.requests, self.engine.child_pid or 0, restarts,
+        self._send([HEARTBEAT, HEARTBEAT_BODY.pack(self.server.requests, self.engine.child_pid or 0, restarts,
                                                    self._busy_until)])
 
     def _serve_backend(self) -> bool:
@@ -130,13 +198,13 @@ class Worker:
         recv = self.socket.recv_multipart
         for _ in range(_BURST):
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                frames = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return False
             command = frames[0].bytes
             if command == REQUEST:
                 deadline = DEADLINE.unpack(frames[2].buffer)[0]
-                reply = self.serve([b"", *(f.buffer for f in frames[3:])], deadline)
+                reply = self.server.serve([b"", *(f.buffer for f in frames[3:])], deadline)
                 self._send([REPLY, frames[1], *reply[1:]])
             elif command == STOP:
                 self._finish_direct()
@@ -146,18 +214,18 @@ class Worker:
     def _serve_direct(self, until_empty: bool = False) -> None:
         """Requests clients sent straight to this worker: [identity, delimiter, header, ...] in, the same reply
         frames as the supervisor's out."""
-        recv, send = self.direct.recv_multipart, self.direct.send_multipart
+        recv, direct = self.direct.recv_multipart, self.direct
         served = 0
         while until_empty or served < _BURST:
             served += 1
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                frames = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             body = [f.buffer for f in frames[1:]]
-            reply = self.serve(body, None)
+            reply = self.server.serve(body, None)
             try:
-                send([frames[0], *reply], copy=False)
+                protocol.send_frames(direct, [frames[0], *reply])
             except zmq.ZMQError:  # the client left: nobody to answer
                 pass
 
@@ -172,61 +240,6 @@ class Worker:
         interval at most under steady traffic)."""
         if deadline > self._busy_until + self.heartbeat_interval:
             self._heartbeat(busy_until=deadline)
-
-    def serve(self, frames: list, deadline: float | None) -> list:
-        """One request's reply frames: the page, or a typed error. ``deadline`` None: a direct request, whose
-        deadline is its own timeout from now."""
-        request_id = protocol.peek_request_id(frames) or 0
-        try:
-            if deadline is None:
-                size = sum(len(f) for f in frames)
-                if self.max_request_bytes and size > self.max_request_bytes:
-                    raise InvalidRequest(f"request of {size} bytes is over the limit of {self.max_request_bytes}")
-            request = protocol.decode_request(frames)
-            if request.kind == protocol.KIND_PING:
-                return protocol.encode_reply(request_id, b"")
-            if request.kind != protocol.KIND_REDO:
-                raise InvalidRequest("status and directory requests go to the supervisor, not to a worker")
-            if deadline is None:
-                timeout = request.timeout_ms / 1000 if request.timeout_ms else self.engine.settings.request_timeout
-                deadline = time.monotonic() + timeout
-                self._expect_busy(deadline)
-            page = self.redo(request, deadline)
-        except WalredodError as error:
-            return protocol.encode_error(request_id, error)
-        except Exception as error:  # a bug of ours: answer it, keep serving
-            log.exception("worker %d: request %d failed", self.slot, request_id)
-            return protocol.encode_error(request_id, WalredodError(f"internal error: {error!r}"))
-        self.requests += 1
-        return protocol.encode_reply(request.request_id, page)
-
-    def redo(self, request: protocol.Request, deadline: float) -> bytes:
-        if not isinstance(request.tag, BufferTag):
-            # pg_xact, MultiXact, relation-map and two-phase objects: rebuilt here, in Python. An object that
-            # does not exist (a finished prepared transaction) is answered with an empty body.
-            return rebuild_object(request.tag, request.base_image, request.records) or b""
-        records = request.records
-        for attempt in (1, 2):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RedoTimeout("the request's deadline passed before it could be served")
-            try:
-                if request.tag.forknum == ForkNumber.VISIBILITYMAP and any(
-                        synthesized.is_synthesized(r.data) for r in records):
-                    page = rebuild_visibility_map_page(self.engine, request.tag, request.lsn, request.base_image,
-                                                       records, timeout=remaining)
-                    return page or b""  # cut off by a truncation
-                return self.engine.redo(request.tag, request.lsn, request.base_image, records, timeout=remaining)
-            except InvalidRequest:
-                raise
-            except RedoFailed as failure:
-                # Redo is a pure function: a child death may be the machine's fault, so try once more on the
-                # spare; a request that kills two children is poison.
-                if attempt == 2:
-                    raise PoisonRequest(f"the request killed the redo child twice: {failure}") from None
-                log.warning("worker %d: request %d killed a redo child (%s); trying once more",
-                            self.slot, request.request_id, failure)
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.engine.close()

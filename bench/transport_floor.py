@@ -24,6 +24,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from walredod import protocol  # noqa: E402
+from walredod.benchmark import cpu_of  # noqa: E402
 from walredod.types import BLCKSZ  # noqa: E402
 
 PAGE = bytes(BLCKSZ)
@@ -75,7 +76,10 @@ def broker(frontend_endpoint: str, backend_endpoint: str, cpu: int | None) -> No
             frontend.send_multipart(frames[1:], copy=False)
 
 
-def measure(endpoint: str, request_frames: list, seconds: float, pipelined: bool = False) -> dict:
+def measure(endpoint: str, request_frames: list, seconds: float, pipelined: bool = False,
+            stage_pids: dict[str, list[int]] | None = None) -> dict:
+    """Round trips for ``seconds``; with ``stage_pids``, CPU µs per request of those processes (and of this
+    client) from the kernel's accounting."""
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)
@@ -83,6 +87,7 @@ def measure(endpoint: str, request_frames: list, seconds: float, pipelined: bool
         socket.send_multipart(request_frames)
         socket.recv_multipart()
     latencies, count = [], 0
+    before, cpu_start = cpu_of(stage_pids or {}), time.process_time()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         if pipelined:
@@ -98,10 +103,14 @@ def measure(endpoint: str, request_frames: list, seconds: float, pipelined: bool
             latencies.append((time.perf_counter() - t0) * 1e6)
             count += 1
     elapsed = time.perf_counter() - start
+    after, cpu_used = cpu_of(stage_pids or {}), time.process_time() - cpu_start
     socket.close()
     latencies.sort()
+    cpu = {stage: round((after[stage] - before[stage]) / count * 1e6, 1) for stage in after}
+    cpu["client"] = round(cpu_used / count * 1e6, 1)
     return {"requests_per_s": round(count / elapsed),
-            "p50_us": round(latencies[len(latencies) // 2], 1) if latencies else None}
+            "p50_us": round(latencies[len(latencies) // 2], 1) if latencies else None,
+            "cpu_us_per_request": cpu}
 
 
 def floors(request_frames: list, seconds: float = 3.0, cpus: tuple[int | None, int | None] = (None, None)) -> dict:
@@ -115,11 +124,12 @@ def floors(request_frames: list, seconds: float = 3.0, cpus: tuple[int | None, i
     for process in processes:
         process.start()
     time.sleep(1.0)
+    echo, brokered = {"echo": [processes[0].pid]}, {"broker": [processes[1].pid], "echo": [processes[2].pid]}
     try:
-        return {"direct_sync": measure(direct, request_frames, seconds),
-                "brokered_sync": measure(front, request_frames, seconds),
-                "direct_pipelined": measure(direct, request_frames, seconds, pipelined=True),
-                "brokered_pipelined": measure(front, request_frames, seconds, pipelined=True)}
+        return {"direct_sync": measure(direct, request_frames, seconds, stage_pids=echo),
+                "brokered_sync": measure(front, request_frames, seconds, stage_pids=brokered),
+                "direct_pipelined": measure(direct, request_frames, seconds, pipelined=True, stage_pids=echo),
+                "brokered_pipelined": measure(front, request_frames, seconds, pipelined=True, stage_pids=brokered)}
     finally:
         for process in processes:
             process.kill()

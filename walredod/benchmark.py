@@ -83,17 +83,35 @@ def read_sample(path: Path = DEFAULT_SAMPLE) -> dict[str, list[Request]]:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (0 once it is gone)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU of a process so far: (all threads, ZeroMQ's I/O threads); (0, 0) once it is gone."""
+    total = zmq_io = 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        return 0.0, 0.0
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # a thread that just ended
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        total += seconds
+        if name.startswith("ZMQbg/IO"):
+            zmq_io += seconds
+    return total, zmq_io
 
 
 def cpu_of(pids: dict[str, list[int]]) -> dict[str, float]:
-    return {stage: sum(cpu_seconds(pid) for pid in stage_pids) for stage, stage_pids in pids.items()}
+    """CPU seconds by stage, and by stage's ZeroMQ I/O threads (key "<stage> zmq I/O") where it has any."""
+    out: dict[str, float] = {}
+    for stage, stage_pids in pids.items():
+        figures = [cpu_seconds(pid) for pid in stage_pids]
+        out[stage] = sum(f[0] for f in figures)
+        out[f"{stage} zmq I/O"] = sum(f[1] for f in figures)
+    return out
 
 
 # --- runs ---------------------------------------------------------------------------------------------------------
@@ -126,9 +144,11 @@ class RunResult:
                 "cpu_us_per_request": {k: round(v, 1) for k, v in self.cpu_us_per_request.items()}}
 
 
-def _drive(target: str, endpoint: str | None, engine_options: dict, requests: Sequence[Request], mode: str,
-           duration: float, batch: int, cpu: int | None, results) -> None:
-    """One client: send requests for ``duration`` seconds; put (latencies, requests, records, cpu) on results."""
+def _drive(target: str, endpoint: str | None, engine_options: dict, client_options: dict,
+           requests: Sequence[Request], mode: str, duration: float, batch: int, cpu: int | None, started,
+           results) -> None:
+    """One client: send requests for ``duration`` seconds (``started`` set once warm); put (latencies, requests,
+    records, seconds, its own CPU seconds) on results."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     if target == "engine":
@@ -139,12 +159,14 @@ def _drive(target: str, endpoint: str | None, engine_options: dict, requests: Se
     else:
         from walredod.client import RedoClient
 
-        client = RedoClient(endpoint)
+        client = RedoClient(endpoint, **client_options)
         redo, redo_many = client.redo, client.redo_many
     clock = time.perf_counter
     for request in requests[:20]:  # warm-up
         redo(*request)
     latencies, count, records = [], 0, 0
+    started.set()
+    cpu_start = time.process_time()  # every thread of this process, ZeroMQ's included
     start = clock()
     index = 0
     while clock() - start < duration:
@@ -165,34 +187,39 @@ def _drive(target: str, endpoint: str | None, engine_options: dict, requests: Se
             records += sum(len(r[3]) for r in chunk)
             index += batch
     elapsed = clock() - start
+    cpu_used = time.process_time() - cpu_start
     client.close()
-    results.put((latencies, count, records, elapsed))
+    results.put((latencies, count, records, elapsed, cpu_used))
 
 
 def run(label: str, target: str, requests: Sequence[Request], *, endpoint: str | None = None,
-        engine_options: dict | None = None, mode: str = "sync", clients: int = 1, duration: float = 3.0,
+        engine_options: dict | None = None, client_options: dict | None = None, mode: str = "sync",
+        clients: int = 1, duration: float = 3.0,
         batch: int = 64, client_cpus: Sequence[int] | None = None, stage_pids: dict[str, list[int]] | None = None,
         progress: bool = True) -> RunResult:
-    """Run ``clients`` client processes at once; CPU per request of each stage from the OS's accounting."""
+    """Run ``clients`` client processes at once.
+
+    CPU per request of each stage: its CPU use over a window inside the steady state (the kernel's accounting of
+    each process and thread) divided by the throughput; the clients count their own.
+    """
     context = multiprocessing.get_context("spawn")  # no inherited ZeroMQ state
     results = context.Queue()
+    started = [context.Event() for _ in range(clients)]
     processes = [context.Process(target=_drive, args=(
-        target, endpoint, engine_options or {}, requests, mode, duration, batch,
-        client_cpus[i % len(client_cpus)] if client_cpus else None, results)) for i in range(clients)]
+        target, endpoint, engine_options or {}, client_options or {}, requests, mode, duration, batch,
+        client_cpus[i % len(client_cpus)] if client_cpus else None, started[i], results)) for i in range(clients)]
     for process in processes:
         process.start()
-    stage_pids = dict(stage_pids or {})
-    stage_pids["client"] = [p.pid for p in processes]
-    time.sleep(0.5)  # start-up and warm-up, not counted
-    before = cpu_of(stage_pids)
-    started = time.monotonic()
-    while any(p.is_alive() for p in processes) and results.qsize() < clients:
+    for event in started:
+        event.wait(120)
+    begun = time.monotonic()
+    time.sleep(min(0.2, duration / 10))
+    before, window_start = cpu_of(stage_pids or {}), time.monotonic()
+    while time.monotonic() - begun < duration * 0.9:
         if progress:
-            print(f"\r  {label}: {time.monotonic() - started:4.1f} s", end="", file=sys.stderr, flush=True)
-        time.sleep(0.2)
-        if time.monotonic() - started > duration + 0.3:
-            break
-    after = cpu_of(stage_pids)  # client processes may have ended: their CPU is then counted as 0
+            print(f"\r  {label}: {time.monotonic() - begun:4.1f} s", end="", file=sys.stderr, flush=True)
+        time.sleep(min(0.2, duration / 20))
+    after, window = cpu_of(stage_pids or {}), time.monotonic() - window_start
     outcomes = [results.get(timeout=120) for _ in processes]
     for process in processes:
         process.join()
@@ -202,7 +229,10 @@ def run(label: str, target: str, requests: Sequence[Request], *, endpoint: str |
     count = sum(o[1] for o in outcomes)
     records = sum(o[2] for o in outcomes)
     seconds = max(o[3] for o in outcomes)
-    cpu = {stage: (after[stage] - before[stage]) / count * 1e6 for stage in stage_pids if stage != "client"}
+    rate = count / seconds
+    cpu = {stage: (after[stage] - before[stage]) / window / rate * 1e6
+           for stage in after if after[stage] - before[stage] > 0}
+    cpu["client"] = sum(o[4] for o in outcomes) / count * 1e6
     return RunResult(label, target, mode, clients, count, records, seconds, latencies, cpu)
 
 

@@ -96,10 +96,12 @@ def bench(args: argparse.Namespace) -> int:
         raise SystemExit("walredod bench: --endpoint is needed to drive a daemon")
     results = []
     for clients in args.clients:
-        label = f"{args.target} {args.mix} {args.mode} x{clients}"
+        path = " via supervisor" if args.target == "daemon" and args.via_supervisor else ""
+        label = f"{args.target}{path} {args.mix} {args.mode} x{clients}"
         results.append(benchmark.run(label, args.target, requests, endpoint=args.endpoint and args.endpoint[0],
                                      engine_options={"data_dir": args.datadir} if args.datadir else {},
-                                     mode=args.mode, clients=clients, duration=args.seconds))
+                                     client_options={"direct": not args.via_supervisor}, mode=args.mode,
+                                     clients=clients, duration=args.seconds))
     benchmark.print_table(results)
     benchmark.save(results, args.json, args.plot)
     print(f"written {args.json}" + (f" and {args.plot}" if args.plot else ""))
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", action="append", help="the daemon's endpoint (with --target daemon)")
     p.add_argument("--mix", default="short", help="request set: short, medium, natural-heap-btree, natural-index")
     p.add_argument("--mode", choices=["sync", "pipelined"], default="sync")
+    p.add_argument("--via-supervisor", action="store_true",
+                   help="send every request through the supervisor, not the direct data path (with --target daemon)")
     p.add_argument("--clients", type=int, nargs="+", default=[1], help="concurrent client processes (one run each)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sample", type=Path, help="request sample (default: bench/data/requests.bin.gz)")

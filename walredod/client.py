@@ -30,6 +30,7 @@ from walredod.types import BufferTag, WalRecord
 DEFAULT_TIMEOUT = 60.0
 _TRANSPORT_MARGIN = 1.0  # the daemon answers a timeout itself; wait a little longer for that answer
 PIPELINE_WINDOW = 64
+BATCH_SIZE = 16  # requests for one worker in one message, on the direct data path
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
 
 RedoArgs = tuple[BufferTag, int, bytes | None, Sequence[WalRecord]]
@@ -37,10 +38,10 @@ RedoArgs = tuple[BufferTag, int, bytes | None, Sequence[WalRecord]]
 
 @dataclass(slots=True)
 class _Flight:
-    """A request in flight: its place in the results, its frames (kept for a re-send), the worker it went to
-    directly (None: through the supervisor)."""
+    """A message in flight, a request or a batch: each request's place in the results, by request id; the frames
+    (kept for a re-send); the worker it went to directly (None: through the supervisor)."""
 
-    index: int
+    indices: dict[int, int]
     frames: list
     worker: DirectWorker | None = None
 
@@ -74,6 +75,17 @@ def _object_or_none(body):
     """An empty body says the object does not exist: a finished prepared transaction, a visibility-map page cut
     off by a truncation."""
     return None if len(body) == 0 else body
+
+
+def _answers(frames: list) -> tuple[int, list[tuple[int, bytes | WalredodError]]]:
+    """(message id, [(request id, result)]) of a reply to a request or to a batch. A batch refused as a whole
+    gives one answer under the batch's own id."""
+    if len(frames) == 3:
+        request_id, result = _result(frames)
+        return request_id, [(request_id, result)]
+    message_id = protocol.decode_reply(frames[:3])[0]  # raises for a malformed reply
+    return message_id, [(request_id, body if status == protocol.STATUS_OK else protocol.error_for(status, body))
+                        for request_id, status, body in protocol.decode_batch_reply(frames)]
 
 
 def _result(frames: list) -> tuple[int, bytes | WalredodError]:
@@ -127,6 +139,8 @@ class RedoClient:
                   return_exceptions: bool = False) -> list:
         """Pipelined: up to PIPELINE_WINDOW requests in flight; results in request order.
 
+        On the direct data path, requests bound for one worker travel as batches of up to BATCH_SIZE in one
+        message (one ZeroMQ round trip instead of one per request); ``timeout`` then applies to each batch.
         With ``return_exceptions`` a failed request's place holds its exception; otherwise the first error (in
         request order) is raised once every reply is in.
         """
@@ -136,21 +150,29 @@ class RedoClient:
         for tag, _lsn, base, _records in pending:
             _check_args(tag, base)
         results: list = [None] * len(pending)
-        flights: dict[int, _Flight] = {}
+        flights: dict[int, _Flight] = {}  # by message id: a request's id, or a batch's
         directory = self._direct_directory(timeout)
-        sent = 0
+        sent = in_flight = 0
         deadline = time.monotonic() + timeout + _TRANSPORT_MARGIN
         while sent < len(pending) or flights:
-            while sent < len(pending) and len(flights) < PIPELINE_WINDOW:
-                tag, lsn, base, records = pending[sent]
-                request_id = next(self._ids)
-                frames = protocol.encode_redo_request(request_id, tag, lsn, base, records, timeout_ms)
-                flight = _Flight(sent, frames)
-                if directory is not None:
-                    flight.worker = directory.choose(protocol.routing_key(tag))
-                self._send(flight)
-                flights[request_id] = flight
-                sent += 1
+            if sent < len(pending) and in_flight < PIPELINE_WINDOW:
+                batches: dict[DirectWorker, list] = {}
+                while sent < len(pending) and in_flight < PIPELINE_WINDOW:
+                    tag, lsn, base, records = pending[sent]
+                    request_id = next(self._ids)
+                    frames = protocol.encode_redo_request(request_id, tag, lsn, base, records, timeout_ms)
+                    worker = directory.choose(protocol.routing_key(tag)) if directory is not None else None
+                    if worker is None:
+                        self._dispatch(None, [(request_id, sent, frames)], flights, timeout_ms)
+                    else:
+                        batch = batches.setdefault(worker, [])
+                        batch.append((request_id, sent, frames))
+                        if len(batch) == BATCH_SIZE:
+                            self._dispatch(worker, batches.pop(worker), flights, timeout_ms)
+                    sent += 1
+                    in_flight += 1
+                for worker, batch in batches.items():
+                    self._dispatch(worker, batch, flights, timeout_ms)
                 deadline = time.monotonic() + timeout + _TRANSPORT_MARGIN
             now = time.monotonic()
             if now >= deadline:
@@ -168,18 +190,36 @@ class RedoClient:
                 continue
             for sock in ready:
                 for frames in _drain(sock):
-                    request_id, result = _result(frames)
-                    flight = flights.pop(request_id, None)
+                    message_id, answers = _answers(frames)
+                    flight = flights.pop(message_id, None)
                     if flight is None:
                         continue  # a late or duplicate reply: its request was answered or given up on
                     if flight.worker is not None:
-                        directory.release(flight.worker)
-                    results[flight.index] = result if isinstance(result, WalredodError) else _object_or_none(result)
+                        directory.release(flight.worker, len(flight.indices))
+                    in_flight -= len(flight.indices)
+                    for request_id, result in answers:
+                        index = flight.indices.get(request_id)
+                        # An answer to the message itself (a batch refused whole) is every request's.
+                        for i in (flight.indices.values() if index is None else (index,)):
+                            results[i] = result if isinstance(result, WalredodError) else _object_or_none(result)
         if not return_exceptions:
             for result in results:
                 if isinstance(result, WalredodError):
                     raise result
         return results
+
+    def _dispatch(self, worker: DirectWorker | None, batch: list, flights: dict[int, _Flight],
+                  timeout_ms: int) -> None:
+        """Send one request, or several for one worker as a batch."""
+        if len(batch) == 1:
+            message_id, _index, frames = batch[0]
+        else:
+            message_id = next(self._ids)
+            frames = protocol.encode_batch(message_id, [request_frames for _, _, request_frames in batch],
+                                           timeout_ms)
+        flight = _Flight({request_id: index for request_id, index, _ in batch}, frames, worker)
+        flights[message_id] = flight
+        self._send(flight)
 
     def _send(self, flight: _Flight) -> None:
         if flight.worker is not None:
@@ -212,17 +252,18 @@ class RedoClient:
             directory.clear()
         for flight in flights.values():
             if flight.worker is not None and not directory.still_serving(flight.worker):
-                directory.release(flight.worker)
+                directory.release(flight.worker, len(flight.indices))
                 flight.worker = None
-                self._send(flight)
+                self._send(flight)  # a batch too: the supervisor hands it to one worker whole
 
     def _give_up(self, flights: dict[int, _Flight], results: list, timeout: float, answered_any: bool) -> None:
         self._connect()  # late replies to a closed socket are lost; ids guard against the rest
         if self._direct is not None:
             self._direct.reset_sockets()
         for flight in flights.values():
-            results[flight.index] = (RedoTimeout if answered_any else Unavailable)(
-                f"no reply from {self.endpoint} within {timeout:g} s")
+            for index in flight.indices.values():
+                results[index] = (RedoTimeout if answered_any else Unavailable)(
+                    f"no reply from {self.endpoint} within {timeout:g} s")
         flights.clear()
 
     def ping(self, timeout: float = 5.0) -> float:
@@ -292,8 +333,8 @@ class AsyncRedoClient:
         _check_args(tag, base_image)
         timeout = self.timeout if timeout is None else timeout
         request_id = next(self._ids)
-        flight = _Flight(0, protocol.encode_redo_request(request_id, tag, lsn, base_image, records,
-                                                         max(1, int(timeout * 1000))))
+        frames = protocol.encode_redo_request(request_id, tag, lsn, base_image, records, max(1, int(timeout * 1000)))
+        flight = _Flight({request_id: 0}, frames)
         directory = await self._direct_directory(timeout)
         if directory is not None:
             flight.worker = directory.choose(protocol.routing_key(tag))

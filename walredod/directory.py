@@ -95,8 +95,8 @@ class WorkerDirectory:
         return self._workers[slot].load
 
     @staticmethod
-    def release(worker: DirectWorker) -> None:
-        worker.load -= 1
+    def release(worker: DirectWorker, count: int = 1) -> None:
+        worker.load -= count
 
     def still_serving(self, worker: DirectWorker) -> bool:
         """Whether the directory still lists this worker (same slot, same pid) as taking work."""

@@ -22,6 +22,8 @@ KIND_REDO = 1
 KIND_PING = 2
 KIND_STATUS = 3  # answered by the supervisor: its state as JSON
 KIND_DIRECTORY = 4  # answered by the supervisor: the workers' direct endpoints as JSON
+KIND_BATCH = 5  # several redo requests in one message, answered in one message
+MAX_BATCH = 1024  # redo requests in one batch
 OBJECT_RELATION_PAGE = 0
 OBJECT_SLRU_PAGE = 1  # fork field: SLRU kind (0 pg_xact, 1 multixact offsets, 2 multixact members); block: page
 OBJECT_RELMAP = 2  # tablespace and database fields
@@ -52,6 +54,7 @@ class Request:
     tag: BufferTag | None
     base_image: memoryview | bytes | None
     records: list[WalRecord]
+    batch: list[list] | None = None  # a batch's requests, each as its own frames (delimiter first)
 
 
 def _lsn_array(count: int) -> struct.Struct:
@@ -89,6 +92,56 @@ def encode_ping(request_id: int, kind: int = KIND_PING) -> list:
     return [b"", REQUEST_HEADER.pack(MAGIC, VERSION, kind, request_id, 0, 0, 0, 0, 0, 0, 0, 0)]
 
 
+def encode_batch(batch_id: int, requests: Sequence[list], timeout_ms: int = 0) -> list:
+    """One message for several encoded redo requests (each as encode_redo_request gave it, delimiter first).
+    ``timeout_ms`` is the whole batch's: its requests are served one after the other."""
+    header = REQUEST_HEADER.pack(MAGIC, VERSION, KIND_BATCH, batch_id, timeout_ms, 0, 0, 0, 0, 0, 0, 0)
+    frames = [b"", header]
+    for request in requests:
+        frames += request[1:]
+    return frames
+
+
+def split_batch(frames: Sequence) -> list[list]:
+    """A batch's requests, each as the frames of a plain request (delimiter first). Each request is its header, its
+    base image, its LSN frame and as many record frames as the LSN frame holds LSNs."""
+    parts, position, count = [], 2, len(frames)
+    while position < count:
+        if len(parts) == MAX_BATCH:
+            raise InvalidRequest(f"more than {MAX_BATCH} requests in one batch")
+        if position + 3 > count:
+            raise InvalidRequest(f"batch request {len(parts)} is cut short: a request has at least a header, a base "
+                                 f"image and an LSN frame")
+        header = frames[position]
+        if len(header) != REQUEST_HEADER.size or header[3] != KIND_REDO:
+            raise InvalidRequest(f"batch request {len(parts)}: its header frame is not a redo request's")
+        records = len(frames[position + 2]) // 8
+        end = position + 3 + records
+        if end > count:
+            raise InvalidRequest(f"batch request {len(parts)}: its LSN frame holds {records} LSNs but only "
+                                 f"{count - position - 3} frames follow")
+        parts.append([b"", *frames[position:end]])
+        position = end
+    if not parts:
+        raise InvalidRequest("a batch holds no requests")
+    return parts
+
+
+def encode_batch_reply(batch_id: int, replies: Sequence[list]) -> list:
+    """The replies to a batch's requests, in its order, each as its reply header and body."""
+    frames = [b"", REPLY_HEADER.pack(MAGIC, VERSION, STATUS_OK, batch_id)]
+    for reply in replies:
+        frames += reply[1:]
+    return frames
+
+
+def decode_batch_reply(frames: Sequence) -> list[tuple[int, int, bytes]]:
+    """(request id, status, page or error message) of each request of a batch's successful reply."""
+    if len(frames) < 4 or len(frames) % 2:
+        raise InvalidRequest(f"malformed batch reply of {len(frames)} frames")
+    return [decode_reply([b"", frames[i], frames[i + 1]]) for i in range(2, len(frames), 2)]
+
+
 def peek_request_id(frames: Sequence) -> int | None:
     """The request id of a message that may be malformed, so that even an error reply names its request."""
     if len(frames) >= 2 and len(frames[1]) >= 12 and bytes(frames[1][:2]) == MAGIC:
@@ -116,6 +169,10 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
         if len(frames) != 2:
             raise InvalidRequest("a ping, status or directory request has only the header frame")
         return Request(request_id, kind, timeout_ms, 0, None, None, [])
+    if kind == KIND_BATCH:
+        parts = split_batch(frames)
+        first = decode_request(parts[0], records=False)  # the batch goes where its first request would
+        return Request(request_id, kind, timeout_ms, first.lsn, first.tag, None, [], parts)
     if kind != KIND_REDO:
         raise InvalidRequest(f"unknown request kind {kind}")
     tag = _tag(object_kind, forknum, spcnode, dbnode, relnode, blkno)

@@ -329,7 +329,7 @@ class Supervisor:
             pending = slot.in_flight.pop(token, None)
             slot.credit += 1
             if pending is not None and self.pending.pop(token, None) is not None:
-                self._send_client([pending.client, b"", frames[3], frames[4]])
+                self._send_client([pending.client, b"", *frames[3:]])  # a batch's reply has more frames
                 status = frames[3].buffer[3]
                 self.metrics.observe(protocol.STATUS_NAMES.get(status, "ok"), now - pending.accepted,
                                      pending.records)

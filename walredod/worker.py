@@ -86,12 +86,15 @@ class RequestServer:
             request = protocol.decode_request(frames)
             if request.kind == protocol.KIND_PING:
                 return protocol.encode_reply(request_id, b"")
-            if request.kind != protocol.KIND_REDO:
+            if request.kind not in (protocol.KIND_REDO, protocol.KIND_BATCH):
                 raise InvalidRequest("status and directory requests go to the supervisor, not to a worker")
             if deadline is None:
                 timeout = request.timeout_ms / 1000 if request.timeout_ms else self.engine.settings.request_timeout
                 deadline = time.monotonic() + timeout
                 self.expect_busy(deadline)
+            if request.kind == protocol.KIND_BATCH:
+                # Each request of the batch is answered on its own, an error included; the batch shares the deadline.
+                return protocol.encode_batch_reply(request_id, [self.serve(part, deadline) for part in request.batch])
             page = self.redo(request, deadline)
         except WalredodError as error:
             return protocol.encode_error(request_id, error)

@@ -134,6 +134,31 @@ def test_unknown_kind_and_object():
             protocol.decode_request([frames[0], bytes(header), *frames[2:]])
 
 
+def test_batch_round_trip_and_malformed_batches():
+    tag = BufferTag(1663, 5, 16384, 0, 7)
+    requests = [protocol.encode_redo_request(i, tag, 100 + i, None if i % 2 else bytes(BLCKSZ),
+                                             [WalRecord(90, b"r" * 30)] * i) for i in range(4)]
+    frames = protocol.encode_batch(99, requests, timeout_ms=500)
+    batch = protocol.decode_request(frames)
+    assert (batch.kind, batch.request_id, batch.timeout_ms, batch.tag) == (protocol.KIND_BATCH, 99, 500, tag)
+    assert [protocol.decode_request(part) for part in batch.batch] == [protocol.decode_request(r) for r in requests]
+
+    replies = [protocol.encode_reply(0, b"page"), protocol.encode_error(1, InvalidRequest("bad"))]
+    decoded = protocol.decode_batch_reply(protocol.encode_batch_reply(99, replies))
+    assert [(i, status) for i, status, _ in decoded] == [(0, protocol.STATUS_OK), (1, 1)]
+
+    header = frames[1]
+    for broken, message in (
+            ([b"", header], "no requests"),
+            ([b"", header, *requests[2][1:-1]], "LSN frame holds 2 LSNs but only 1"),
+            ([b"", header, requests[0][1], requests[0][2]], "cut short"),
+            ([b"", header, protocol.encode_ping(3)[1], b"", b""], "not a redo request"),
+            ([b"", header, *(requests[0][1:] * (protocol.MAX_BATCH + 1))], "more than"),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            protocol.decode_request(broken)
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "walredod.toml"
     path.write_text('[daemon]\nworkers = 3\nendpoints = ["tcp://127.0.0.1:5555"]\n[engine]\nrequest_timeout = 5\n')

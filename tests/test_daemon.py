@@ -468,7 +468,8 @@ def postgres_pids(pids: set[int]) -> set[int]:
 
 
 def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
-    """Requests accepted before SIGTERM all get their reply (the page, or "unavailable" past the shutdown bound)."""
+    """Requests accepted before SIGTERM all get their reply (the page, or "unavailable" past the shutdown bound);
+    no process and no socket file is left."""
     daemon = Daemon(world_traversable_tmpdir("walredod-daemon-stop-"), metrics_port=19188)
     pids = {pid for w in daemon.workers() for pid in (w["pid"], w["child_pid"])}
     socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -493,6 +494,7 @@ def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
     assert daemon.process.wait(30) == 0
     time.sleep(1)
     assert not postgres_pids(pids)
+    assert not list(daemon.root.glob("*.sock")) and not list((daemon.root / "data" / "run").glob("*.sock"))
     daemon.client.close()
 
 

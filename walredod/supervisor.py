@@ -238,6 +238,8 @@ class Supervisor:
         self.frontend.close()
         self.backend.close()
         self.context.term()
+        for endpoint in (*self.settings.daemon.endpoints, self.backend_endpoint):
+            wire.remove_ipc_file(endpoint)  # ZeroMQ leaves socket files behind
         self.metrics.stop()
         log.info("walredod stopped")
 

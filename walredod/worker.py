@@ -23,6 +23,7 @@ must not take that for a hang before the request's own deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -51,6 +52,12 @@ DEADLINE = struct.Struct(">d")  # CLOCK_MONOTONIC seconds: one clock for every p
 _PR_SET_PDEATHSIG = 1
 _BURST = 64  # messages taken from one socket before looking at the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
+
+
+def remove_ipc_file(endpoint: str | None) -> None:
+    if endpoint and endpoint.startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.unlink(endpoint[len("ipc://"):])
 
 
 def die_with_parent() -> None:
@@ -150,6 +157,7 @@ class Worker:
         self.socket.setsockopt(zmq.IDENTITY, f"w{slot}.{os.getpid()}".encode())
         self.socket.connect(backend)
         self.direct = None
+        self.direct_path = None
         if direct:
             self.direct = self.context.socket(zmq.ROUTER)
             self.direct.setsockopt(zmq.LINGER, 1000)
@@ -158,6 +166,7 @@ class Worker:
             if max_request_bytes:
                 self.direct.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + 4096)
             self.direct.bind(direct)
+        self.direct_path = direct
 
     def run(self) -> None:
         self._send([READY, READY_BODY.pack(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit)])
@@ -248,6 +257,7 @@ class Worker:
         self.engine.close()
         if self.direct is not None:
             self.direct.close(linger=1000)
+            remove_ipc_file(self.direct_path)  # ZeroMQ leaves it; the slot's next worker binds anew
         self.socket.close(linger=1000)
         self.context.term()
 

@@ -39,3 +39,19 @@ def test_walredod_bench_command(tmp_path, engine_data_dir):
     run = json.loads(out.read_text())["runs"][0]
     assert run["requests_per_s"] > 0 and run["p50_us"] > 0
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_transport_floor_reports_latency_and_cpu_per_stage():
+    """The floor harness the daemon study compares against: every hop measured, CPU per request by process."""
+    sys.path.insert(0, str(benchmark.DEFAULT_SAMPLE.parent.parent))
+    from transport_floor import floors
+
+    from walredod import protocol
+
+    tag, lsn, base, records = benchmark.read_sample()["short"][0]
+    result = floors(protocol.encode_redo_request(1, tag, lsn, base, records), seconds=0.3)
+    assert set(result) == {"direct_sync", "brokered_sync", "direct_pipelined", "brokered_pipelined"}
+    assert all(figures["requests_per_s"] > 0 for figures in result.values())
+    assert result["direct_sync"]["p50_us"] > 0
+    assert result["brokered_pipelined"]["cpu_us_per_request"]["broker"] > 0
+    assert result["direct_pipelined"]["cpu_us_per_request"]["echo"] > 0

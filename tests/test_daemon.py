@@ -355,18 +355,21 @@ def test_batch_answers_each_request_on_its_own(daemon, raw, real_requests):
     bad request in it gets its own error, the others their pages, in order."""
     chosen = real_requests[:5]
     requests = [protocol.encode_redo_request(10 + i, *r[:4]) for i, r in enumerate(chosen)]
-    tag, lsn, base, records = chosen[2][:4]
-    requests[2] = protocol.encode_redo_request(12, tag, lsn, base[:100], records)  # a base image of 100 bytes
-    raw.send_multipart(protocol.encode_batch(77, requests))
-    frames = raw.recv_multipart()
-    assert protocol.decode_reply(frames[:3])[:2] == (77, protocol.STATUS_OK)
-    answers = protocol.decode_batch_reply(frames)
-    assert [request_id for request_id, _, _ in answers] == [10, 11, 12, 13, 14]
-    for (_, status, body), expected in zip(answers, chosen, strict=True):
-        if status == protocol.STATUS_OK:
-            assert body == expected[4]
-    assert [status for _, status, _ in answers] == [0, 0, protocol.STATUS_CODES["invalid_request"], 0, 0]
-    assert b"base image frame is 100 bytes" in answers[2][2]
+    for bad in (2, 0):  # in the middle; first (the one a batch is routed by)
+        requests = [protocol.encode_redo_request(10 + i, *r[:4]) for i, r in enumerate(chosen)]
+        tag, lsn, base, records = chosen[bad][:4]
+        requests[bad] = protocol.encode_redo_request(10 + bad, tag, lsn, base[:100], records)  # a 100-byte image
+        raw.send_multipart(protocol.encode_batch(77, requests))
+        frames = raw.recv_multipart()
+        assert protocol.decode_reply(frames[:3])[:2] == (77, protocol.STATUS_OK)
+        answers = protocol.decode_batch_reply(frames)
+        assert [request_id for request_id, _, _ in answers] == [10, 11, 12, 13, 14]
+        for (_, status, body), expected in zip(answers, chosen, strict=True):
+            if status == protocol.STATUS_OK:
+                assert body == expected[4]
+        assert [status for _, status, _ in answers] == [
+            protocol.STATUS_CODES["invalid_request"] if i == bad else 0 for i in range(5)]
+        assert b"base image frame is 100 bytes" in answers[bad][2]
     got = reply_error(raw, [b"", protocol.encode_batch(78, requests)[1], *requests[0][1:-1]])  # cut short
     assert isinstance(got, InvalidRequest) and "batch request 0" in str(got)
 

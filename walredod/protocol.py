@@ -171,8 +171,11 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
         return Request(request_id, kind, timeout_ms, 0, None, None, [])
     if kind == KIND_BATCH:
         parts = split_batch(frames)
-        first = decode_request(parts[0], records=False)  # the batch goes where its first request would
-        return Request(request_id, kind, timeout_ms, first.lsn, first.tag, None, [], parts)
+        try:  # the batch goes where its first request would; a bad one is answered on its own, later
+            tag = decode_request(parts[0], records=False).tag
+        except InvalidRequest:
+            tag = None
+        return Request(request_id, kind, timeout_ms, 0, tag, None, [], parts)
     if kind != KIND_REDO:
         raise InvalidRequest(f"unknown request kind {kind}")
     tag = _tag(object_kind, forknum, spcnode, dbnode, relnode, blkno)
@@ -217,7 +220,10 @@ def _tag(object_kind: int, forknum: int, spcnode: int, dbnode: int, relnode: int
 
 
 def routing_key(tag) -> tuple[int, int, int]:
-    """What requests are routed by: the relation of a page, a comparable key for other objects."""
+    """What requests are routed by: the relation of a page, a comparable key for other objects (and one fixed key
+    for a batch whose first request is malformed)."""
+    if tag is None:
+        return (0, 0, 0)
     return tag.relation if isinstance(tag, BufferTag) else tag.routing_key
 
 

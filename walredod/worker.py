@@ -157,7 +157,6 @@ class Worker:
         self.socket.setsockopt(zmq.IDENTITY, f"w{slot}.{os.getpid()}".encode())
         self.socket.connect(backend)
         self.direct = None
-        self.direct_path = None
         if direct:
             self.direct = self.context.socket(zmq.ROUTER)
             self.direct.setsockopt(zmq.LINGER, 1000)

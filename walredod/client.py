@@ -44,6 +44,7 @@ class _Flight:
     indices: dict[int, int]
     frames: list
     worker: DirectWorker | None = None
+    sent_at: float = 0.0
 
 
 def _dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -154,6 +155,7 @@ class RedoClient:
         directory = self._direct_directory(timeout)
         sent = in_flight = 0
         deadline = time.monotonic() + timeout + _TRANSPORT_MARGIN
+        next_check = 0.0
         while sent < len(pending) or flights:
             if sent < len(pending) and in_flight < PIPELINE_WINDOW:
                 batches: dict[DirectWorker, list] = {}
@@ -179,14 +181,16 @@ class RedoClient:
                 self._give_up(flights, results, timeout, answered_any=sent > 0)
                 break
             wait = deadline - now
-            direct_in_flight = directory is not None and any(f.worker for f in flights.values())
-            if direct_in_flight:
+            if directory is not None and any(f.worker for f in flights.values()):
+                # Replies from other workers do not prove that the worker of a direct request still lives.
+                if now >= next_check and any(now - f.sent_at > DIRECT_CHECK_INTERVAL
+                                             for f in flights.values() if f.worker):
+                    self._recheck_direct(directory, flights)
+                    next_check = time.monotonic() + DIRECT_CHECK_INTERVAL
                 wait = min(wait, DIRECT_CHECK_INTERVAL)
             sockets = [self._socket, *(directory.sockets_in_use() if directory is not None else ())]
             ready = zmq.select(sockets, [], [], wait)[0]
             if not ready:
-                if direct_in_flight:
-                    self._recheck_direct(directory, flights)
                 continue
             for sock in ready:
                 for frames in _drain(sock):
@@ -219,6 +223,7 @@ class RedoClient:
                                            timeout_ms)
         flight = _Flight({request_id: index for request_id, index, _ in batch}, frames, worker)
         flights[message_id] = flight
+        flight.sent_at = time.monotonic()
         self._send(flight)
 
     def _send(self, flight: _Flight) -> None:
@@ -243,7 +248,7 @@ class RedoClient:
         return self._direct if self._direct.usable() else None
 
     def _recheck_direct(self, directory: WorkerDirectory, flights: dict[int, _Flight]) -> None:
-        """No reply for a while: ask the supervisor whether the workers we wait on still live. Requests sent to a
+        """A direct request has waited a while: ask the supervisor whether the workers we wait on still live. Requests sent to a
         worker that has died, retired or been replaced are re-sent through the supervisor (redo is a pure function,
         so a request that ran twice is harmless; the first reply wins)."""
         try:
@@ -325,7 +330,6 @@ class AsyncRedoClient:
         self._waiting: dict[int, tuple[_Flight, asyncio.Future]] = {}
         self._readers: dict[zmq.Socket, asyncio.Task] = {}
         self._checker: asyncio.Task | None = None
-        self._last_reply = time.monotonic()
         self._direct = WorkerDirectory(self._context) if direct and endpoint.startswith("ipc://") else None
 
     async def redo(self, tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
@@ -340,6 +344,7 @@ class AsyncRedoClient:
             flight.worker = directory.choose(protocol.routing_key(tag))
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = (flight, future)
+        flight.sent_at = time.monotonic()
         try:
             await self._send(flight)
             if flight.worker is not None and (self._checker is None or self._checker.done()):
@@ -371,7 +376,6 @@ class AsyncRedoClient:
     async def _read_replies(self, sock: zmq.Socket) -> None:
         while self._waiting:
             frames = await sock.recv_multipart()
-            self._last_reply = time.monotonic()
             request_id, result = _result(frames)
             _flight, future = self._waiting.get(request_id, (None, None))
             if future is not None and not future.done():
@@ -392,12 +396,15 @@ class AsyncRedoClient:
         return self._direct if self._direct.usable() else None
 
     async def _check_direct(self) -> None:
-        """While direct requests wait: after DIRECT_CHECK_INTERVAL without any reply, re-send through the
-        supervisor those whose worker the directory no longer lists under the same pid."""
+        """While direct requests wait: once one has waited DIRECT_CHECK_INTERVAL, re-send through the supervisor
+        those whose worker the directory no longer lists under the same pid (at most one directory request per
+        interval; replies from other workers prove nothing about this one's)."""
         directory = self._direct
         while any(flight.worker is not None for flight, _ in self._waiting.values()):
             await asyncio.sleep(DIRECT_CHECK_INTERVAL)
-            if time.monotonic() - self._last_reply < DIRECT_CHECK_INTERVAL:
+            now = time.monotonic()
+            if not any(flight.worker is not None and now - flight.sent_at > DIRECT_CHECK_INTERVAL
+                       for flight, _ in self._waiting.values()):
                 continue
             try:
                 directory.update(await self._control(protocol.KIND_DIRECTORY, 2.0))

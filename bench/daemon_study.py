@@ -3,7 +3,7 @@
 
     python3 bench/daemon_study.py [--seconds 4]
 
-Uses the shipped request sample (bench/data/requests.bin.gz; no PostgreSQL server needed), starts daemons with
+Uses the shipped request sample (walredod/tools/data/requests.bin.gz; no PostgreSQL server needed), starts daemons with
 the placements compared, measures the transport floor (bench/transport_floor.py) in the same run, and prints the
 targets of the performance issue as ratios. Writes bench/results/daemon_study.json and .png.
 """
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transport_floor import floors  # noqa: E402
 
-from walredod import benchmark, protocol  # noqa: E402
+from walredod import protocol  # noqa: E402
+from walredod.tools import benchmark  # noqa: E402
 from walredod.client import RedoClient  # noqa: E402
 from walredod.errors import Unavailable  # noqa: E402
 
@@ -80,7 +81,7 @@ def serve_overhead(requests: list, data_dir: Path, cpu: int, rounds: int = 5) ->
     """Our per-request Python in a worker, sockets aside: RequestServer.serve (decode, check, rebuild, encode)
     against RedoEngine.redo alone on the same requests, in this process, pinned with the child to one CPU."""
     from walredod.engine import RedoEngine
-    from walredod.worker import RequestServer
+    from walredod.daemon.worker import RequestServer
 
     os.sched_setaffinity(0, {cpu})
     frames = [protocol.encode_redo_request(i, *r) for i, r in enumerate(requests)]

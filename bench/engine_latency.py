@@ -3,7 +3,7 @@
 
     python3 bench/engine_latency.py [--iterations 3000] [--json bench/results/engine_latency.json]
 
-Requests are real page histories from the ground-truth scenario (walredod.groundtruth): a page image at the first
+Requests are real page histories from the ground-truth scenario (tests/groundtruth): a page image at the first
 cut, then the first N records of that page's history after the cut, for N in 1, 2, 10, 100 and 227; "ping" is the
 0-record round trip. Every placement runs in the same process, one after the other, so ratios between rows are
 side by side:
@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # ground-truth servers (test support)
 
 from walredod.engine import RedoEngine  # noqa: E402
-from walredod.groundtruth.cluster import read_page  # noqa: E402
-from walredod.groundtruth.scenario import build_scenario  # noqa: E402
+from groundtruth.cluster import read_page  # noqa: E402
+from groundtruth.scenario import build_scenario  # noqa: E402
 from walredod.ingest import page_histories  # noqa: E402
 from walredod.wal import WalReader  # noqa: E402
 

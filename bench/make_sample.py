@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Regenerate bench/data/requests.bin.gz: request sets cut from real PostgreSQL 15 WAL.
+"""Regenerate walredod/tools/data/requests.bin.gz: request sets cut from real PostgreSQL 15 WAL.
 
     python3 bench/make_sample.py
 
-Builds the ground-truth scenario (a real PostgreSQL 15 server, walredod.groundtruth), takes every main-fork page's
+Builds the ground-truth scenario (a real PostgreSQL 15 server, tests/groundtruth), takes every main-fork page's
 history after the second cut, and writes:
 
 - short: the first 2 records of a page's history (heap and btree pages, and index pages), from its image at the cut;
@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # ground-truth servers (test support)
 
-from walredod.benchmark import DEFAULT_SAMPLE, write_sample  # noqa: E402
-from walredod.groundtruth.cluster import read_page  # noqa: E402
-from walredod.groundtruth.scenario import build_scenario  # noqa: E402
+from walredod.tools.benchmark import DEFAULT_SAMPLE, write_sample  # noqa: E402
+from groundtruth.cluster import read_page  # noqa: E402
+from groundtruth.scenario import build_scenario  # noqa: E402
 from walredod.ingest import page_histories  # noqa: E402
 from walredod.wal import WalReader  # noqa: E402
 

@@ -24,7 +24,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from walredod import protocol  # noqa: E402
-from walredod.benchmark import cpu_of  # noqa: E402
+from walredod.tools.benchmark import cpu_of  # noqa: E402
 from walredod.types import BLCKSZ  # noqa: E402
 
 PAGE = bytes(BLCKSZ)
@@ -139,7 +139,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="ZeroMQ floor of the daemon's hops")
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    from walredod.benchmark import read_sample
+    from walredod.tools.benchmark import read_sample
 
     tag, lsn, base, records = read_sample()["short"][0]
     frames = protocol.encode_redo_request(1, tag, lsn, base, records)

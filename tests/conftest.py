@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (waldump, records)
 
-from walredod.groundtruth.cluster import PgCluster, pg_available  # noqa: E402
+from groundtruth.cluster import PgCluster, pg_available  # noqa: E402
 
 REPORTS: list[str] = []  # tables printed at the end of the run (pages checked per rmgr, ...)
 
@@ -38,7 +38,7 @@ def world_traversable_tmpdir(prefix: str) -> Path:
 def scenario():
     if not pg_available():
         pytest.fail("PostgreSQL 15 binaries are missing: run the README's set-up (make setup)")
-    from walredod.groundtruth.scenario import build_scenario
+    from groundtruth.scenario import build_scenario
 
     built = build_scenario(world_traversable_tmpdir("walredod-scenario-"))
     REPORTS.append(f"ground-truth scenario: {built.describe()}")
@@ -66,7 +66,7 @@ def redo_engine(engine_data_dir):
 def real_requests(scenario):
     """Every main- and init-fork page touched after the scenario's second cut, as a request with PostgreSQL's own
     page at the end: (tag, lsn, base image or None, records, expected page)."""
-    from walredod.groundtruth.cluster import read_page
+    from groundtruth.cluster import read_page
     from walredod.ingest import page_histories
     from walredod.wal import WalReader
 

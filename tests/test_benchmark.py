@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from walredod import benchmark
+from walredod.tools import benchmark
 from walredod.types import BLCKSZ, BufferTag
 
 
@@ -43,7 +44,7 @@ def test_walredod_bench_command(tmp_path, engine_data_dir):
 
 def test_transport_floor_reports_latency_and_cpu_per_stage():
     """The floor harness the daemon study compares against: every hop measured, CPU per request by process."""
-    sys.path.insert(0, str(benchmark.DEFAULT_SAMPLE.parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from transport_floor import floors
 
     from walredod import protocol

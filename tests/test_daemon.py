@@ -25,7 +25,7 @@ from conftest import world_traversable_tmpdir
 from walredod import protocol
 from walredod.client import AsyncRedoClient, RedoClient
 from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, UnsupportedVersion
-from walredod.groundtruth.cluster import read_object
+from groundtruth.cluster import read_object
 from walredod.ingest import object_histories
 from walredod.objects import RelMapTag, SlruPageTag, TwoPhaseTag
 from walredod.types import BufferTag, WalRecord

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import report_comparison
 from walredod.errors import InvalidRequest
-from walredod.groundtruth.cluster import read_object
+from groundtruth.cluster import read_object
 from walredod.ingest import object_histories
 from walredod.native import slru, synthesized, visibilitymap
 from walredod.native.rebuild import decode_history_record, rebuild_object, rebuild_visibility_map_page

@@ -15,7 +15,7 @@ import collections
 import pytest
 
 from conftest import report_comparison
-from walredod.groundtruth.cluster import read_page
+from groundtruth.cluster import read_page
 from walredod.ingest import page_histories
 from walredod.types import ForkNumber
 

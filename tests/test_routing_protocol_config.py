@@ -12,10 +12,10 @@ import json
 import zmq
 
 from walredod import protocol
-from walredod.directory import WorkerDirectory
+from walredod.client.directory import WorkerDirectory
 from walredod.config import ConfigError, load_settings
 from walredod.errors import InvalidRequest, UnsupportedVersion
-from walredod.routing import Router, rank_slots
+from walredod.daemon.routing import Router, rank_slots
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
 relations = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))

@@ -1,3 +1,3 @@
-from walredod.cli import main
+from walredod.tools.cli import main
 
 raise SystemExit(main())

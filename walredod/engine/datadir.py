@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
+import importlib.resources
 import logging
 import os
 import pwd
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_AS = "walredod"
 EXTENSION_NAME = "walredod_redo.so"
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Databases the child never connects to; dropping their files makes each copy a third of the size.
 _UNUSED_DATABASE_DIRS = ("base/1", "base/4")
 _slot_counter = itertools.count()
@@ -83,7 +83,8 @@ def find_postgres_bin(settings: EngineSettings) -> Path:
 
 def find_extension(settings: EngineSettings) -> Path:
     candidates = [settings.extension_path] if settings.extension_path else []
-    candidates += [_PACKAGE_DIR / "_native" / EXTENSION_NAME, _PACKAGE_DIR.parent / "pgext" / EXTENSION_NAME]
+    # The set-up installs the built extension as package data (walredod/_native).
+    candidates.append(Path(str(importlib.resources.files("walredod") / "_native" / EXTENSION_NAME)))
     for path in candidates:
         if path and path.is_file():
             return path

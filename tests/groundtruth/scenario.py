@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from walredod.groundtruth.cluster import PgCluster, recover_copy
-from walredod.groundtruth.workloads import PHASES, SCHEMA, WAL_COMPRESSION
+from groundtruth.cluster import PgCluster, recover_copy
+from groundtruth.workloads import PHASES, SCHEMA, WAL_COMPRESSION
 from walredod.types import format_lsn
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A worker process: one redo engine, serving requests from the supervisor and, directly, from clients.
 
-The supervisor starts each worker as ``python -m walredod.worker`` (a fresh interpreter: ZeroMQ contexts do not
+The supervisor starts each worker as ``python -m walredod.daemon.worker`` (a fresh interpreter: ZeroMQ contexts do not
 survive fork). The worker announces itself READY with its credit, then serves requests in arrival order and
 heartbeats when idle. It dies with the supervisor (PR_SET_PDEATHSIG), and its redo children die with it (they see end
 of file on their stdin).
@@ -43,7 +43,7 @@ from walredod.native import synthesized
 from walredod.native.rebuild import rebuild_object, rebuild_visibility_map_page
 from walredod.types import BufferTag, ForkNumber
 
-log = logging.getLogger("walredod.worker")
+log = logging.getLogger("walredod.daemon.worker")
 
 READY, HEARTBEAT, REQUEST, REPLY, STOP = b"READY", b"HB", b"REQ", b"REP", b"STOP"
 READY_BODY = struct.Struct(">IIII")  # slot, pid, child pid, credit

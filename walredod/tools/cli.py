@@ -50,7 +50,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     from walredod.config import load_settings
-    from walredod.supervisor import Supervisor
+    from walredod.daemon.supervisor import Supervisor
 
     settings = load_settings(args.config, _overrides(args))
     return Supervisor(settings, args.config, _overrides(args)).run()
@@ -86,7 +86,7 @@ def status(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Real request sets against one engine or a running daemon: a table, a JSON result and a PNG plot."""
-    from walredod import benchmark
+    from walredod.tools import benchmark
 
     sets = benchmark.read_sample(args.sample) if args.sample else benchmark.read_sample()
     if args.mix not in sets:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="send every request through the supervisor, not the direct data path (with --target daemon)")
     p.add_argument("--clients", type=int, nargs="+", default=[1], help="concurrent client processes (one run each)")
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--sample", type=Path, help="request sample (default: bench/data/requests.bin.gz)")
+    p.add_argument("--sample", type=Path, help="request sample (default: walredod/tools/data/requests.bin.gz)")
     p.add_argument("--datadir", type=Path, help="data directory for engines (with --target engine)")
     p.add_argument("--json", type=Path, default=Path("bench/results/walredod_bench.json"))
     p.add_argument("--plot", type=Path, default=Path("bench/results/walredod_bench.png"))

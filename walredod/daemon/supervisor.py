@@ -26,13 +26,14 @@ from pathlib import Path
 
 import zmq
 
-from walredod import protocol, worker as wire
+from walredod import protocol
+from walredod.daemon import worker as wire
 from walredod.config import ConfigError, Settings, load_settings
 from walredod.errors import PoisonRequest, RedoTimeout, Unavailable, WalredodError
-from walredod.metrics import Metrics
-from walredod.routing import Router
+from walredod.daemon.metrics import Metrics
+from walredod.daemon.routing import Router
 
-log = logging.getLogger("walredod.supervisor")
+log = logging.getLogger("walredod.daemon.supervisor")
 
 _GRACE = 2.0  # seconds past a request's deadline before the supervisor answers for a silent worker
 _MIN_BACKOFF = 0.1
@@ -248,7 +249,7 @@ class Supervisor:
     def _start_worker(self, slot: Slot) -> None:
         d = self.settings.daemon
         cpu = self.cpus[slot.index % len(self.cpus)] if d.cpu_placement == "pair" else -1
-        argv = [sys.executable, "-m", "walredod.worker", "--slot", str(slot.index),
+        argv = [sys.executable, "-m", "walredod.daemon.worker", "--slot", str(slot.index),
                 "--backend", self.backend_endpoint, "--credit", str(d.worker_credit),
                 "--heartbeat-interval", str(d.heartbeat_interval), "--cpu", str(cpu),
                 "--max-request-bytes", str(d.max_request_bytes),

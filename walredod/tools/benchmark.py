@@ -1,12 +1,13 @@
 """`walredod bench`: real request sets against one engine or a running daemon, with per-process CPU accounting.
 
-Request sets come from real PostgreSQL 15 WAL (bench/make_sample.py writes bench/data/requests.bin.gz from the
+Request sets come from real PostgreSQL 15 WAL (bench/make_sample.py writes walredod/tools/data/requests.bin.gz from the
 ground-truth scenario), so the benchmark runs without starting PostgreSQL.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.resources
 import json
 import multiprocessing
 import os
@@ -20,7 +21,8 @@ from pathlib import Path
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
 SAMPLE_MAGIC = b"WRBS1\n"
-DEFAULT_SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "data" / "requests.bin.gz"
+# Shipped as package data; bench/make_sample.py regenerates it.
+DEFAULT_SAMPLE = Path(str(importlib.resources.files("walredod.tools") / "data" / "requests.bin.gz"))
 _request_head = struct.Struct("<IIIIIQB")
 _record_head = struct.Struct("<QI")
 

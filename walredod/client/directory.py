@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from walredod.routing import Router
+from walredod.daemon.routing import Router
 
 DIRECT_CHECK_INTERVAL = 0.5  # seconds without a reply, direct requests in flight, before asking whether workers live
 DIRECTORY_MAX_AGE = 5.0  # seconds before a directory is asked for again (new workers after a reload, say)

@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from walredod import protocol
-from walredod.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
+from walredod.client.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BufferTag, WalRecord
 

@@ -1,0 +1,1 @@
+"""Tooling around the library and the daemon: the ``walredod`` command line and the benchmark driver."""

@@ -27,7 +27,8 @@ from pathlib import Path
 import zmq
 
 from walredod import protocol
-from walredod.daemon import worker as wire
+from walredod.daemon import backend
+from walredod.daemon.endpoints import direct_endpoint_base, remove_ipc_file
 from walredod.config import ConfigError, Settings, load_settings
 from walredod.errors import PoisonRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.daemon.metrics import Metrics
@@ -227,7 +228,7 @@ class Supervisor:
             self._answer_error(token, Unavailable("the daemon is stopping"))
         for slot in self.slots.values():
             if slot.identity is not None and slot.process is not None:
-                self._send_worker(slot, [wire.STOP])
+                self._send_worker(slot, backend.encode_stop())
         deadline = time.monotonic() + 5.0
         for slot in self.slots.values():
             if slot.process is not None:
@@ -240,7 +241,7 @@ class Supervisor:
         self.backend.close()
         self.context.term()
         for endpoint in (*self.settings.daemon.endpoints, self.backend_endpoint):
-            wire.remove_ipc_file(endpoint)  # ZeroMQ leaves socket files behind
+            remove_ipc_file(endpoint)  # ZeroMQ leaves socket files behind
         self.metrics.stop()
         log.info("walredod stopped")
 
@@ -326,9 +327,9 @@ class Supervisor:
         command = frames[1].bytes
         now = time.monotonic()
         slot = self.by_identity.get(identity)
-        if command == wire.REPLY and slot is not None:
+        if command == backend.REPLY and slot is not None:
             slot.last_seen = now
-            token = int.from_bytes(frames[2].buffer, "big")
+            token = backend.decode_token(frames[2].buffer)
             pending = slot.in_flight.pop(token, None)
             slot.credit += 1
             if pending is not None and self.pending.pop(token, None) is not None:
@@ -339,16 +340,18 @@ class Supervisor:
                 slot.served += 1
             self.metrics.set_in_flight(slot.index, len(slot.in_flight))
             self._dispatch_waiting()
-        elif command == wire.HEARTBEAT and slot is not None:
+        elif command == backend.HEARTBEAT and slot is not None:
             slot.last_seen = now
-            slot.served, slot.child_pid, slot.child_restarts, slot.busy_until = wire.HEARTBEAT_BODY.unpack(
-                frames[2].buffer)
+            beat = backend.decode_heartbeat(frames[2].buffer)
+            slot.served, slot.child_pid, slot.child_restarts, slot.busy_until = (
+                beat.served, beat.child_pid, beat.child_restarts, beat.busy_until)
             self.metrics.set_served(slot.index, slot.served)
-        elif command == wire.READY:
-            index, pid, child_pid, credit = wire.READY_BODY.unpack(frames[2].buffer)
+        elif command == backend.READY:
+            ready = backend.decode_ready(frames[2].buffer)
+            index, pid, child_pid, credit = ready.slot, ready.pid, ready.child_pid, ready.credit
             slot = self.slots.get(index)
             if slot is None or slot.process is None or slot.process.pid != pid:
-                self.backend.send_multipart([identity, wire.STOP])  # a stray from an earlier life
+                self.backend.send_multipart([identity, *backend.encode_stop()])  # a stray from an earlier life
                 return
             slot.identity, slot.ready, slot.credit, slot.child_pid = identity, True, credit, child_pid
             slot.last_seen, slot.failed_starts = now, 0
@@ -432,8 +435,7 @@ class Supervisor:
             slot.in_flight[token] = pending
             pending.slot = index
             pending.attempts += 1
-            self._send_worker(slot, [wire.REQUEST, token.to_bytes(8, "big"), wire.DEADLINE.pack(pending.deadline),
-                                     *pending.frames])
+            self._send_worker(slot, backend.encode_request(token, pending.deadline, pending.frames))
             self.metrics.set_in_flight(index, len(slot.in_flight))
         self.metrics.queue_depth.set(len(self.waiting))
 
@@ -477,9 +479,9 @@ class Supervisor:
                 self._worker_gone(slot, "hung (never ready)")
                 continue
             if slot.ready and now - slot.last_seen >= d.heartbeat_interval and not slot.in_flight:
-                self._send_worker(slot, [wire.HEARTBEAT])
+                self._send_worker(slot, backend.encode_heartbeat_probe())
             if slot.retiring and not slot.in_flight and not slot.stop_sent and slot.identity is not None:
-                self._send_worker(slot, [wire.STOP])  # it exits; reaping removes the slot
+                self._send_worker(slot, backend.encode_stop())  # it exits; reaping removes the slot
                 slot.stop_sent = True
         for index in [i for i, s in self.slots.items() if s.retiring and s.process is None]:
             del self.slots[index]
@@ -517,20 +519,6 @@ class Supervisor:
     def _notify(self, message: str) -> None:
         if self._notifier is not None:
             self._notifier.notify(message)
-
-
-def direct_endpoint_base(daemon_settings) -> str | None:
-    """Workers' direct endpoints are named after the first ipc:// frontend endpoint (same directory, so the same
-    access rules): ``ipc:///run/walredod/walredod.sock`` gives ``.../walredod-worker-<slot>.sock``, named by slot so
-    clients' connections reach the slot's next worker after a restart. None (no direct path) without an ipc://
-    endpoint: tcp:// clients may be on other machines."""
-    if not daemon_settings.direct_data_path:
-        return None
-    for endpoint in daemon_settings.endpoints:
-        if endpoint.startswith("ipc://"):
-            stem = endpoint.removesuffix(".sock")
-            return f"{stem}-worker"
-    return None
 
 
 def _systemd_notifier():

@@ -9,33 +9,25 @@ Two sockets bring requests. The backend DEALER carries the supervisor's (control
 sent to the supervisor); the direct ROUTER, bound on the slot's own endpoint, takes clients' requests in the client
 protocol itself (docs/client-protocol.md, "Direct data path"), so the common request costs one ZeroMQ hop, not two.
 
-Backend messages (first frame after the routing identity is the command):
-
-- supervisor -> worker: ``REQ token deadline frames...`` | ``HB`` | ``STOP``
-- worker -> supervisor: ``READY slot pid child_pid credit`` | ``HB requests child_pid restarts busy_until`` |
-  ``REP token reply_header body``
-
-``busy_until`` is how long the worker may be silent: the latest deadline of the direct requests it has taken (0 once
-it has been idle a whole interval). A worker busy with a client's long request sends nothing, and the supervisor
-must not take that for a hang before the request's own deadline.
+The backend messages are in ``walredod.daemon.backend``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import logging
 import os
 import signal
-import struct
 import sys
 import time
 
 import zmq
 
 from walredod import protocol
+from walredod.daemon import backend
+from walredod.daemon.endpoints import remove_ipc_file
 from walredod.config import EngineSettings
 from walredod.engine import RedoEngine
 from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, WalredodError
@@ -45,19 +37,9 @@ from walredod.types import BufferTag, ForkNumber
 
 log = logging.getLogger("walredod.daemon.worker")
 
-READY, HEARTBEAT, REQUEST, REPLY, STOP = b"READY", b"HB", b"REQ", b"REP", b"STOP"
-READY_BODY = struct.Struct(">IIII")  # slot, pid, child pid, credit
-HEARTBEAT_BODY = struct.Struct(">QIId")  # requests served, child pid, child restarts, busy until
-DEADLINE = struct.Struct(">d")  # CLOCK_MONOTONIC seconds: one clock for every process on the machine
 _PR_SET_PDEATHSIG = 1
 _BURST = 64  # messages taken from one socket before looking at the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
-
-
-def remove_ipc_file(endpoint: str | None) -> None:
-    if endpoint and endpoint.startswith("ipc://"):
-        with contextlib.suppress(OSError):
-            os.unlink(endpoint[len("ipc://"):])
 
 
 def die_with_parent() -> None:
@@ -168,7 +150,7 @@ class Worker:
         self.direct_path = direct
 
     def run(self) -> None:
-        self._send([READY, READY_BODY.pack(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit)])
+        self._send(backend.encode_ready(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit))
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if self.direct is not None:
@@ -201,8 +183,8 @@ class Worker:
             self._busy_until = busy_until
         restarts = sum(self.engine.stats.restarts.values())
         self._reported_child = self.engine.child_pid
-        self._send([HEARTBEAT, HEARTBEAT_BODY.pack(self.server.requests, self.engine.child_pid or 0, restarts,
-                                                   self._busy_until)])
+        self._send(backend.encode_heartbeat(self.server.requests, self.engine.child_pid or 0, restarts,
+                                            self._busy_until))
 
     def _serve_backend(self) -> bool:
         """Requests and commands from the supervisor; True when told to stop."""
@@ -213,11 +195,10 @@ class Worker:
             except zmq.Again:
                 return False
             command = frames[0].bytes
-            if command == REQUEST:
-                deadline = DEADLINE.unpack(frames[2].buffer)[0]
-                reply = self.server.serve([b"", *(f.buffer for f in frames[3:])], deadline)
-                self._send([REPLY, frames[1], *reply[1:]])
-            elif command == STOP:
+            if command == backend.REQUEST:
+                token, deadline, request = backend.decode_request([f.buffer for f in frames])
+                self._send(backend.encode_reply(token, self.server.serve(request, deadline)))
+            elif command == backend.STOP:
                 self._finish_direct()
                 return True
         return False

@@ -31,6 +31,13 @@ from walredod.objects import RelMapTag, SlruPageTag, TwoPhaseTag
 from walredod.types import BufferTag, WalRecord
 from walredod.wal import WalReader
 
+def free_tcp_port() -> int:
+    """A loopback port nothing listens on now: test daemons of parallel runs must not share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 CONFIG = """
 [daemon]
 workers = {workers}
@@ -46,12 +53,12 @@ request_timeout = 20
 
 
 class Daemon:
-    def __init__(self, root: Path, workers: int = 2, metrics_port: int = 19187, extra_config: str = "",
+    def __init__(self, root: Path, workers: int = 2, metrics_port: int | None = None, extra_config: str = "",
                  wait: bool = True, env: dict | None = None):
         self.root = root
         self.endpoint = f"ipc://{root}/walredod.sock"
         self.config = root / "walredod.toml"
-        self.metrics_port = metrics_port
+        self.metrics_port = metrics_port or free_tcp_port()
         self.extra_config = extra_config
         self.write_config(workers)
         self.process = subprocess.Popen(
@@ -439,7 +446,7 @@ def test_systemd_notifications(tmp_path, real_requests):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sock_path))
     notify.settimeout(10)
-    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-notify-"), workers=1, metrics_port=19191,
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-notify-"), workers=1,
                     env={"NOTIFY_SOCKET": str(sock_path)})
     try:
         seen = set()
@@ -473,7 +480,7 @@ def postgres_pids(pids: set[int]) -> set[int]:
 def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
     """Requests accepted before SIGTERM all get their reply (the page, or "unavailable" past the shutdown bound);
     no process and no socket file is left."""
-    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-stop-"), metrics_port=19188)
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-stop-"))
     pids = {pid for w in daemon.workers() for pid in (w["pid"], w["child_pid"])}
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -502,7 +509,7 @@ def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
 
 
 def test_supervisor_killed_leaves_no_process(real_requests):
-    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-kill-"), metrics_port=19189)
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-kill-"))
     pids = {pid for w in daemon.workers() for pid in (w["pid"], w["child_pid"])}
     os.kill(daemon.process.pid, signal.SIGKILL)
     daemon.process.wait()
@@ -514,7 +521,7 @@ def test_supervisor_killed_leaves_no_process(real_requests):
 
 
 def test_worker_that_cannot_start_is_parked_not_restarted_in_a_loop(real_requests):
-    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-broken-"), workers=1, metrics_port=19190,
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-broken-"), workers=1,
                     extra_config='postgres_bin = "/bin/false"\n', wait=False)
     try:
         deadline = time.monotonic() + 30

@@ -64,6 +64,8 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "walredod_redo.h"
+
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
@@ -141,6 +143,7 @@ static bool walredod_source_logs_hint_bits = false;
 static XLogRecPtr wal_insert_at_start;
 
 static void serve(void) pg_attribute_noreturn();
+static void copy_target_page(char *page);
 
 
 /*
@@ -382,11 +385,17 @@ check_tag_is_target(const char *p, char msgtype)
 						target.client_fork, target.blkno)));
 }
 
+static void start_target(RelFileNode rnode, ForkNumber fork,
+						 BlockNumber blkno);
+static void load_target_image(const char *image);
+
 /* 'B': start rebuilding a block; it exists as zeros until a 'P' fills it. */
 static void
 begin_redo(const char *body, uint32 len)
 {
-	Buffer		buf;
+	RelFileNode rnode;
+	ForkNumber	fork;
+	BlockNumber blkno;
 
 	if (len != WIRE_TAG_LEN)
 		ereport(ERROR,
@@ -398,10 +407,21 @@ begin_redo(const char *body, uint32 len)
 	if (target.active)
 		finish_request();
 
-	parse_tag(body, &target.client_rnode, &target.client_fork, &target.blkno);
+	parse_tag(body, &rnode, &fork, &blkno);
+	start_target(rnode, fork, blkno);
+}
+
+/* Start rebuilding a block: it exists as zeros until a base image fills it. */
+static void
+start_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
+{
+	Buffer		buf;
+
+	target.client_rnode = rnode;
+	target.client_fork = fork;
+	target.blkno = blkno;
 	/* Init forks would be flushed at once by redo; keep them in main. */
-	target.fork = target.client_fork == INIT_FORKNUM ?
-		MAIN_FORKNUM : target.client_fork;
+	target.fork = fork == INIT_FORKNUM ? MAIN_FORKNUM : fork;
 	target.active = true;
 	request_in_progress = true;
 	if (cpu_at_first_request_ns == 0)
@@ -423,18 +443,24 @@ begin_redo(const char *body, uint32 len)
 static void
 push_page(const char *body, uint32 len)
 {
-	Buffer		buf;
-
 	if (len != WIRE_TAG_LEN + BLCKSZ)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
 				 errmsg("walredod: 'P' message body is %u bytes, expected %d (tag and one %d-byte page)",
 						len, WIRE_TAG_LEN + BLCKSZ, BLCKSZ)));
 	check_tag_is_target(body, 'P');
+	load_target_image(body + WIRE_TAG_LEN);
+}
+
+/* Fill the target's page with its base image. */
+static void
+load_target_image(const char *image)
+{
+	Buffer		buf;
 
 	buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
 									RBM_ZERO_AND_LOCK, NULL, true);
-	memcpy(BufferGetPage(buf), body + WIRE_TAG_LEN, BLCKSZ);
+	memcpy(BufferGetPage(buf), image, BLCKSZ);
 	MarkBufferDirty(buf);
 	UnlockReleaseBuffer(buf);
 	target.buffer = buf;
@@ -497,21 +523,17 @@ block_touches_target(DecodedBkpBlock *blk)
 }
 
 /*
- * Point every block reference of the decoded record at our relations.
- * Returns the number of dummy relations used, filling 'used'; sets
- * *scratch_main_used when heap blocks of a visibility-map target were mapped
- * into the scratch relation.
+ * Complain unless the record's block references are within our relations'
+ * claimed size and one of them belongs to the target's history.
  */
-static int
-remap_blocks(RelFileNode *used, bool *scratch_main_used)
+static void
+check_record_blocks(DecodedXLogRecord *record)
 {
 	bool		touches = false;
-	int			nused = 0;
 
-	*scratch_main_used = false;
-	for (int id = 0; id <= decoded->max_block_id; id++)
+	for (int id = 0; id <= record->max_block_id; id++)
 	{
-		DecodedBkpBlock *blk = &decoded->blocks[id];
+		DecodedBkpBlock *blk = &record->blocks[id];
 
 		if (!blk->in_use)
 			continue;
@@ -528,15 +550,30 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("walredod: %s record does not reference the target block %u/%u/%u fork %d blk %u",
-						GetRmgr(decoded->header.xl_rmid).rm_name,
+						GetRmgr(record->header.xl_rmid).rm_name,
 						target.client_rnode.spcNode,
 						target.client_rnode.dbNode,
 						target.client_rnode.relNode,
 						target.client_fork, target.blkno)));
+}
 
-	for (int id = 0; id <= decoded->max_block_id; id++)
+/*
+ * Point every block reference of the reader's current record at our
+ * relations, after checking them.  Returns the number of dummy relations
+ * used, filling 'used'; sets *scratch_main_used when heap blocks of a
+ * visibility-map target were mapped into the scratch relation.
+ */
+static int
+remap_blocks(RelFileNode *used, bool *scratch_main_used)
+{
+	DecodedXLogRecord *record = reader->record;
+	int			nused = 0;
+
+	check_record_blocks(record);
+	*scratch_main_used = false;
+	for (int id = 0; id <= record->max_block_id; id++)
 	{
-		DecodedBkpBlock *blk = &decoded->blocks[id];
+		DecodedBkpBlock *blk = &record->blocks[id];
 
 		if (!blk->in_use)
 			continue;
@@ -599,16 +636,17 @@ pin_target(void)
 static bool
 visible_needs_lsn_stamp(XLogRecPtr end_lsn)
 {
+	DecodedXLogRecord *record = reader->record;
 	DecodedBkpBlock *heap_block;
 	Buffer		buf;
 	XLogRecPtr	page_lsn;
 
 	if (!walredod_source_logs_hint_bits ||
-		decoded->header.xl_rmid != RM_HEAP2_ID ||
-		(decoded->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
-		decoded->max_block_id < 1)
+		record->header.xl_rmid != RM_HEAP2_ID ||
+		(record->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
+		record->max_block_id < 1)
 		return false;
-	heap_block = &decoded->blocks[1];
+	heap_block = &record->blocks[1];
 	if (!heap_block->in_use || heap_block->apply_image ||
 		!RelFileNodeEquals(heap_block->rnode, scratch_rnode) ||
 		heap_block->forknum != target.fork ||
@@ -633,6 +671,9 @@ stamp_target_lsn(XLogRecPtr end_lsn)
 	UnlockReleaseBuffer(buf);
 }
 
+static void check_record_bytes(const char *rec, uint32 rec_len,
+							   XLogRecPtr end_lsn);
+
 /*
  * Check an 'A' message: its length, the record's own length and CRC, and that
  * the record's kind changes relation pages.  Returns the record (in place, it
@@ -643,8 +684,6 @@ check_record_message(const char *body, uint32 len, XLogRecPtr *end_lsn,
 					 uint32 *rec_len)
 {
 	XLogRecord *rec;
-	XLogRecord	hdr;
-	pg_crc32c	crc;
 
 	if (!target.active)
 		ereport(ERROR,
@@ -659,27 +698,44 @@ check_record_message(const char *body, uint32 len, XLogRecPtr *end_lsn,
 	*end_lsn = get_u64(body);
 	*rec_len = len - sizeof(uint64);
 	rec = (XLogRecord *) (body + sizeof(uint64));
+	check_record_bytes((const char *) rec, *rec_len, *end_lsn);
+	return rec;
+}
+
+/*
+ * Check a raw record of 'rec_len' bytes (possibly unaligned): its own length,
+ * its CRC, and that its kind changes relation pages.
+ */
+static void
+check_record_bytes(const char *rec, uint32 rec_len, XLogRecPtr end_lsn)
+{
+	XLogRecord	hdr;
+	pg_crc32c	crc;
+
+	if (rec_len < SizeOfXLogRecord)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: record at end LSN %X/%X is %u bytes, shorter than a record header",
+						LSN_FORMAT_ARGS(end_lsn), rec_len)));
 
 	/* The record may sit unaligned in our input buffer; copy the header. */
 	memcpy(&hdr, rec, SizeOfXLogRecord);
-	if (hdr.xl_tot_len != *rec_len)
+	if (hdr.xl_tot_len != rec_len)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X has xl_tot_len %u but the message carries %u bytes",
-						LSN_FORMAT_ARGS(*end_lsn), hdr.xl_tot_len, *rec_len)));
+						LSN_FORMAT_ARGS(end_lsn), hdr.xl_tot_len, rec_len)));
 
 	INIT_CRC32C(crc);
-	COMP_CRC32C(crc, ((char *) rec) + SizeOfXLogRecord,
-				*rec_len - SizeOfXLogRecord);
+	COMP_CRC32C(crc, rec + SizeOfXLogRecord, rec_len - SizeOfXLogRecord);
 	COMP_CRC32C(crc, (char *) &hdr, offsetof(XLogRecord, xl_crc));
 	FIN_CRC32C(crc);
 	if (!EQ_CRC32C(hdr.xl_crc, crc))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X fails its CRC check (stored %08X, computed %08X)",
-						LSN_FORMAT_ARGS(*end_lsn), hdr.xl_crc, crc)));
+						LSN_FORMAT_ARGS(end_lsn), hdr.xl_crc, crc)));
 	check_record_kind(&hdr);
-	return rec;
 }
 
 /* Make the decode buffer large enough for a record of 'rec_len' bytes. */
@@ -696,6 +752,9 @@ reserve_decode_space(uint32 rec_len)
 	decoded_size = needed;
 }
 
+static void decode_into(DecodedXLogRecord *into, const char *rec,
+						uint32 rec_len, XLogRecPtr end_lsn);
+
 /*
  * Decode a checked record into 'decoded' and make it the reader's current
  * record.  Redo only uses the end position (EndRecPtr); the start is unknown
@@ -704,33 +763,45 @@ reserve_decode_space(uint32 rec_len)
 static void
 decode_record(XLogRecord *rec, uint32 rec_len, XLogRecPtr end_lsn)
 {
-	char	   *errormsg = NULL;
-
 	reserve_decode_space(rec_len);
+	decode_into(decoded, (const char *) rec, rec_len, end_lsn);
+	reader->record = decoded;
+	reader->ReadRecPtr = end_lsn;
+	reader->EndRecPtr = end_lsn;
+}
+
+/*
+ * Decode a checked record into 'into', which has room for it
+ * (DecodeXLogRecordRequiredSpace).
+ */
+static void
+decode_into(DecodedXLogRecord *into, const char *rec, uint32 rec_len,
+			XLogRecPtr end_lsn)
+{
+	char	   *errormsg = NULL;
 
 	/*
 	 * DecodeXLogRecord copies what it keeps, but reads the record in place;
 	 * give it an aligned copy when the input buffer did not.  The copy lives
-	 * in redo_context, reset once the record is replayed.
+	 * in redo_context, reset once the record is replayed (or the request
+	 * checked).
 	 */
 	if (((uintptr_t) rec) % MAXIMUM_ALIGNOF != 0)
 	{
 		char	   *aligned = MemoryContextAllocHuge(redo_context, rec_len);
 
 		memcpy(aligned, rec, rec_len);
-		rec = (XLogRecord *) aligned;
+		rec = aligned;
 	}
 
-	if (!DecodeXLogRecord(reader, decoded, rec, end_lsn, &errormsg))
+	if (!DecodeXLogRecord(reader, into, (XLogRecord *) rec, end_lsn,
+						  &errormsg))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X is malformed: %s",
 						LSN_FORMAT_ARGS(end_lsn),
 						errormsg ? errormsg : "unknown error")));
-	decoded->next_lsn = end_lsn;
-	reader->record = decoded;
-	reader->ReadRecPtr = end_lsn;
-	reader->EndRecPtr = end_lsn;
+	into->next_lsn = end_lsn;
 }
 
 /* Run the resource manager's redo on the decoded, remapped record. */
@@ -741,7 +812,7 @@ replay_record(XLogRecPtr end_lsn)
 	MemoryContext oldcontext;
 
 	oldcontext = MemoryContextSwitchTo(redo_context);
-	GetRmgr(decoded->header.xl_rmid).rm_redo(reader);
+	GetRmgr(reader->record->header.xl_rmid).rm_redo(reader);
 	MemoryContextSwitchTo(oldcontext);
 	MemoryContextReset(redo_context);
 	if (stamp_lsn)
@@ -784,6 +855,138 @@ apply_record(const char *body, uint32 len)
 	stat_records++;
 }
 
+/*
+ * The records of the request check_redo_request accepted last, decoded into
+ * one arena for run_redo_request, so that nothing is decoded twice.
+ */
+static char *checked_arena;
+static size_t checked_arena_size;
+static DecodedXLogRecord **checked_records;
+static int	checked_records_size;
+
+/* Arenas larger than this are given back after their request. */
+#define CHECKED_ARENA_KEEP	(8 * 1024 * 1024)
+
+/*
+ * Check a whole request before redo touches anything: the tag, every
+ * record's length, CRC, kind and block references, and the order of the
+ * LSNs.  Refusals are ERRORs the caller may catch: nothing but the target's
+ * identity and the arena of decoded records has changed.
+ */
+void
+check_redo_request(const RedoRequest *req)
+{
+	XLogRecPtr	previous = InvalidXLogRecPtr;
+	size_t		total = 0;
+	size_t		offset = 0;
+
+	Assert(!target.active);
+	if (req->fork < 0 || req->fork > MAX_FORKNUM)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: invalid fork number %d in block tag",
+						(int) req->fork)));
+	if (req->blkno >= MaxBlockNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("walredod: block number %u in block tag is not below %u",
+						req->blkno, MaxBlockNumber)));
+	target.client_rnode = req->rnode;
+	target.client_fork = req->fork;
+	target.blkno = req->blkno;
+
+	for (int i = 0; i < req->nrecords; i++)
+	{
+		const RedoRequestRecord *r = &req->records[i];
+
+		check_record_bytes(r->data, r->len, r->end_lsn);
+		if (r->end_lsn < previous)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("walredod: record %d ends at %X/%X, before the record ahead of it (%X/%X)",
+							i, LSN_FORMAT_ARGS(r->end_lsn),
+							LSN_FORMAT_ARGS(previous))));
+		previous = r->end_lsn;
+		total += MAXALIGN(DecodeXLogRecordRequiredSpace(r->len));
+	}
+	if (previous > req->lsn)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("walredod: a record ends at %X/%X, after the requested LSN %X/%X",
+						LSN_FORMAT_ARGS(previous), LSN_FORMAT_ARGS(req->lsn))));
+
+	if (total > checked_arena_size)
+	{
+		if (checked_arena)
+			pfree(checked_arena);
+		checked_arena = NULL;
+		checked_arena_size = 0;
+		checked_arena = MemoryContextAllocHuge(TopMemoryContext, total);
+		checked_arena_size = total;
+	}
+	if (req->nrecords > checked_records_size)
+	{
+		int			size = Max(req->nrecords, 2 * checked_records_size);
+
+		if (checked_records)
+			pfree(checked_records);
+		checked_records = NULL;
+		checked_records_size = 0;
+		checked_records = MemoryContextAllocHuge(TopMemoryContext,
+												 size * sizeof(DecodedXLogRecord *));
+		checked_records_size = size;
+	}
+
+	for (int i = 0; i < req->nrecords; i++)
+	{
+		const RedoRequestRecord *r = &req->records[i];
+		DecodedXLogRecord *record = (DecodedXLogRecord *) (checked_arena + offset);
+
+		offset += MAXALIGN(DecodeXLogRecordRequiredSpace(r->len));
+		decode_into(record, r->data, r->len, r->end_lsn);
+		check_record_blocks(record);
+		checked_records[i] = record;
+	}
+	MemoryContextReset(redo_context);
+}
+
+/*
+ * Rebuild the page of a request check_redo_request accepted, into 'page'
+ * (BLCKSZ bytes).  An ERROR here is a redo failure: it ends the process.
+ */
+void
+run_redo_request(const RedoRequest *req, char *page)
+{
+	start_target(req->rnode, req->fork, req->blkno);
+	if (req->image != NULL)
+		load_target_image(req->image);
+	for (int i = 0; i < req->nrecords; i++)
+	{
+		XLogRecPtr	end_lsn = req->records[i].end_lsn;
+		RelFileNode used[NUM_DUMMY_RELS];
+		bool		scratch_main_used;
+		int			nused;
+
+		reader->record = checked_records[i];
+		reader->ReadRecPtr = end_lsn;
+		reader->EndRecPtr = end_lsn;
+		nused = remap_blocks(used, &scratch_main_used);
+		replay_record(end_lsn);
+		release_record_blocks(used, nused, scratch_main_used);
+		stat_records++;
+	}
+	copy_target_page(page);
+	finish_request();
+	stat_requests++;
+
+	if (checked_arena_size > CHECKED_ARENA_KEEP)
+	{
+		pfree(checked_arena);
+		checked_arena = NULL;
+		checked_arena_size = 0;
+	}
+}
+
 static void
 write_reply(const char *page)
 {
@@ -810,7 +1013,6 @@ static void
 get_page(const char *body, uint32 len)
 {
 	PGAlignedBlock page;
-	Buffer		buf;
 
 	if (len != WIRE_TAG_LEN)
 		ereport(ERROR,
@@ -819,15 +1021,22 @@ get_page(const char *body, uint32 len)
 						len, WIRE_TAG_LEN)));
 	check_tag_is_target(body, 'G');
 
-	buf = pin_target();
-	LockBuffer(buf, BUFFER_LOCK_SHARE);
-	memcpy(page.data, BufferGetPage(buf), BLCKSZ);
-	UnlockReleaseBuffer(buf);
-
+	copy_target_page(page.data);
 	write_reply(page.data);
 	finish_request();
 
 	stat_requests++;
+}
+
+/* Copy the rebuilt page out of its buffer. */
+static void
+copy_target_page(char *page)
+{
+	Buffer		buf = pin_target();
+
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	memcpy(page, BufferGetPage(buf), BLCKSZ);
+	UnlockReleaseBuffer(buf);
 }
 
 /* 'H': reply with a page of zeros. */
@@ -929,6 +1138,9 @@ serve(void)
 		uint32		bodylen;
 		const char *body;
 
+		/* Between requests on stdin, serve local clients until it has more. */
+		if (!target.active && inbuf_end == inbuf_start)
+			local_server_serve_until_stdin();
 		if (!fill_input(MSG_HEADER_LEN, true))
 			exit_on_eof();
 		msgtype = inbuf[inbuf_start];
@@ -1052,6 +1264,7 @@ take_over(void)
 {
 	detach_from_terminal();
 	allocate_serving_state();
+	local_server_start();
 	enter_recovery();
 
 	PG_TRY();
@@ -1092,6 +1305,7 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	local_server_define_gucs();
 	MarkGUCPrefixReserved("walredod");
 
 	if (!walredod_serve)

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from walredod.engine.board import Board
 from walredod.engine.pipe import PING, WARMUP
 from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BLCKSZ
@@ -43,15 +44,17 @@ class ChildGone(Exception):
 class RedoChild:
     """A running redo child with pipes to its stdin/stdout; its stderr goes to logging."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | None, popen_kwargs: dict, name: str):
+    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | None, popen_kwargs: dict, name: str,
+                 board: Board | None = None, pass_fds: tuple[int, ...] = ()):
         self.name = name
+        self.board = board  # the local data path's shared state, when the child serves it
         self.started_at = time.monotonic()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
         self._stderr_done = threading.Event()
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd=cwd, close_fds=True, **popen_kwargs,
+                env=env, cwd=cwd, close_fds=True, pass_fds=pass_fds, **popen_kwargs,
             )
         except OSError as exc:
             raise Unavailable(f"could not start the redo child {argv[0]}: {exc}") from exc

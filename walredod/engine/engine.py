@@ -11,11 +11,13 @@ import logging
 import os
 import shutil
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from walredod.config import EngineSettings
+from walredod.engine.board import Board, LocalCounters
 from walredod.engine.child import ChildDied, ChildGone, RedoChild
 from walredod.engine.datadir import DataDirectory, RunAs, find_extension
 from walredod.engine.pipe import PING, encode_request
@@ -70,7 +72,8 @@ class RedoEngine:
     ...     page = engine.redo(tag, lsn, base_image, records)
     """
 
-    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo", **overrides):
+    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo",
+                 local_listener: int | None = None, local_max_request_bytes: int = 64 << 20, **overrides):
         if settings is None:
             settings = EngineSettings(**overrides)
         elif overrides:
@@ -89,6 +92,11 @@ class RedoEngine:
         self._spare_wanted = False
         self._dead: list[RedoChild] = []  # killed children not yet reaped
         self._closed = False
+        # The local data path (docs/local-data-path.md): every child of ours inherits this listening socket and
+        # serves clients on it directly; the engine only watches (watch_children) and counts (local_counters).
+        self._local_listener = local_listener if settings.kind == "vanilla" else None
+        self._local_max_request_bytes = local_max_request_bytes
+        self._local_retired = LocalCounters()  # what buried children served
         if settings.kind == "vanilla":
             self._data = DataDirectory(settings, self._run_as)
             self._extension = self._data.install_extension(find_extension(settings))
@@ -147,6 +155,8 @@ class RedoEngine:
         for child in (self._active, self._spare):
             if child is not None:
                 child.close()
+                if child.board is not None:
+                    child.board.close()
         self._active = self._spare = None
         self._bury_dead()
         for slot in self._all_slots:
@@ -205,7 +215,51 @@ class RedoEngine:
         for child in self._dead:
             child.close()
             self._release_slot(child)
+            if child.board is not None:
+                words = child.board.words()
+                if words is not None:
+                    self._local_retired.add(words, live=False)
+                child.board.close()
         self._dead.clear()
+
+    # --- the local data path ------------------------------------------------------------------------------------
+
+    @property
+    def serves_local_path(self) -> bool:
+        return self._local_listener is not None
+
+    def watch_children(self) -> None:
+        """Children serve local clients the engine never sees, so the engine looks at them now and then (the
+        daemon's worker: every few tens of milliseconds): a child that died is replaced by the spare at once,
+        and a child still inside a local request past that request's deadline is killed (its clients see
+        their connection end)."""
+        now = time.monotonic_ns()
+        for child in (self._active, self._spare):
+            if child is None:
+                continue
+            if not child.alive():
+                self._child_died(child, "died on the local path")
+            elif child.board is not None:
+                deadline = child.board.busy_deadline_ns()
+                if deadline and now > deadline:
+                    self._local_retired.deadline_kills += 1
+                    self._child_died(child, "local timeout")
+        if self._active is None and not self._closed:
+            try:
+                self._take_over()
+            except Unavailable as exc:
+                log.error("%s: no redo child to take over: %s", self.name, exc)
+
+    def local_counters(self) -> LocalCounters:
+        """What this engine's children served on the local data path, since the engine started."""
+        total = LocalCounters(**{**self._local_retired.__dict__,
+                                 "latency_buckets": list(self._local_retired.latency_buckets)})
+        for child in (self._active, self._spare, *self._dead):
+            if child is not None and child.board is not None:
+                words = child.board.words()
+                if words is not None:
+                    total.add(words, live=child is self._active or child is self._spare)
+        return total
 
     def start_spare(self) -> None:
         """Start the spare child if it is missing. A takeover leaves this to the next request or to the caller's
@@ -239,6 +293,7 @@ class RedoEngine:
         raise Unavailable(f"the redo child could not start: {error}")
 
     def _start_child(self) -> RedoChild:
+        board, pass_fds = None, ()
         if self.settings.kind == "neon":
             argv = [str(self.settings.neon_postgres_bin), "--wal-redo"]
             env = {"LD_LIBRARY_PATH": self.settings.neon_ld_library_path}
@@ -252,15 +307,27 @@ class RedoEngine:
                     "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}"]
             for guc in _CHILD_GUCS:
                 argv += ["-c", guc]
+            if self._local_listener is not None:
+                board = Board()
+                pass_fds = (self._local_listener, board.fd)
+                argv += ["-c", f"walredod.local_listen_fd={self._local_listener}",
+                         "-c", f"walredod.local_board_fd={board.fd}",
+                         "-c", f"walredod.local_default_timeout_ms={max(1, int(self.settings.request_timeout * 1000))}",
+                         "-c", f"walredod.local_max_request_bytes={self._local_max_request_bytes}"]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
             cwd = slot
         try:
-            child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
+            child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name,
+                              board=board, pass_fds=pass_fds)
         except Unavailable:
             if slot is not None:
                 self._free_slots.append(slot)
+            if board is not None:
+                board.close()
             raise
+        if board is not None:
+            board.handed_over()
         if slot is not None:
             self._slot_of[child.pid] = slot
         self.stats.children_started += 1

@@ -28,7 +28,7 @@ import zmq
 
 from walredod import protocol
 from walredod.daemon import backend
-from walredod.daemon.endpoints import direct_endpoint_base, remove_ipc_file
+from walredod.daemon.endpoints import direct_endpoint_base, local_socket_path, remove_ipc_file
 from walredod.config import ConfigError, Settings, load_settings
 from walredod.errors import PoisonRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.daemon.metrics import Metrics
@@ -79,6 +79,7 @@ class Slot:
     stop_sent: bool = False
     busy_until: float = 0.0  # the worker may be silent until then: it serves a direct request
     direct_endpoint: str | None = None
+    local_socket: str | None = None  # the local data path's socket (docs/local-data-path.md)
 
     @property
     def state(self) -> str:
@@ -258,6 +259,9 @@ class Supervisor:
         slot.direct_endpoint = f"{self.direct_base}-{slot.index}.sock" if self.direct_base else None
         if slot.direct_endpoint:
             argv += ["--direct", slot.direct_endpoint]
+        slot.local_socket = local_socket_path(d, slot.index)
+        if slot.local_socket:
+            argv += ["--local", slot.local_socket]
         slot.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
         slot.started_at = slot.last_seen = time.monotonic()
         slot.ready = False
@@ -346,6 +350,8 @@ class Supervisor:
             slot.served, slot.child_pid, slot.child_restarts, slot.busy_until = (
                 beat.served, beat.child_pid, beat.child_restarts, beat.busy_until)
             self.metrics.set_served(slot.index, slot.served)
+            if len(frames) > 3:
+                self.metrics.set_local(slot.index, backend.decode_local_stats(frames[3].buffer))
         elif command == backend.READY:
             ready = backend.decode_ready(frames[2].buffer)
             index, pid, child_pid, credit = ready.slot, ready.pid, ready.child_pid, ready.credit
@@ -511,7 +517,7 @@ class Supervisor:
         takes new work. A client re-sends through us whatever it had sent to a worker that is no longer listed
         with the same pid (docs/client-protocol.md)."""
         workers = [{"slot": s.index, "pid": s.process.pid if s.process else None, "endpoint": s.direct_endpoint,
-                    "ready": s.ready and not s.retiring and s.process is not None}
+                    "local": s.local_socket, "ready": s.ready and not s.retiring and s.process is not None}
                    for s in self.slots.values() if s.direct_endpoint]
         return json.dumps({"direct": self.direct_base is not None and not self.stopping,
                            "spill_factor": self.settings.daemon.spill_factor, "workers": workers}).encode()

@@ -2,8 +2,8 @@
 socket, with no process in between (docs/local-data-path.md owns the format; this module is its Python side).
 
 Encoding and decoding of its messages, and two connections speaking it: ``LocalConnection`` (blocking) and
-``AsyncLocalConnection`` (asyncio). Both only move messages; which requests go here, re-sending what a lost
-connection held and falling back to ZeroMQ belong to the clients (walredod.client).
+``AsyncLocalConnection`` (callbacks of an asyncio loop). Both only move messages; which requests go here,
+re-sending what a lost connection held and falling back to ZeroMQ belong to the clients (walredod.client).
 """
 
 from __future__ import annotations
@@ -153,6 +153,25 @@ class LocalConnection:
                 raise ConnectionLost(f"{self.path}: the redo child closed the connection")
             self._buffer += self._view[:got]
 
+    def receive_now(self) -> list[tuple[int, int, bytes]]:
+        """The replies that have arrived, without waiting (possibly none)."""
+        while True:
+            try:
+                got = self._sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                raise ConnectionLost(f"{self.path}: {exc}") from None
+            if got == 0:
+                raise ConnectionLost(f"{self.path}: the redo child closed the connection")
+            self._buffer += self._view[:got]
+            if got < len(self._chunk):
+                break
+        replies, used = decode_replies(self._buffer)
+        if used:
+            del self._buffer[:used]
+        return replies
+
     def poll(self, timeout: float) -> bool:
         """Whether a reply (or the end of the connection) may be read now or within ``timeout`` seconds."""
         if len(self._buffer) >= _REPLY_HEADER_LEN:
@@ -174,44 +193,90 @@ class LocalConnection:
 
 
 class AsyncLocalConnection:
-    """An asyncio connection to a slot's local socket: ``send`` queues a request, ``read_reply`` awaits the next
-    reply in request order."""
+    """A connection to a slot's local socket for an asyncio event loop, without coroutines: ``send`` writes at once
+    (what the socket cannot take waits in a buffer, written as it drains), and the loop calls ``on_replies(list of
+    (request id, status, body))`` as replies arrive and ``on_lost(reason)`` once if the connection ends. Connecting
+    is immediate on a Unix socket (the listening socket's backlog holds the connection until a child accepts it).
+    """
 
-    def __init__(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop, on_replies, on_lost):
         self.path = path
-        self._reader = reader
-        self._writer = writer
-
-    @classmethod
-    async def open(cls, path: str, connect_timeout: float = 1.0) -> AsyncLocalConnection:
+        self._loop = loop
+        self._on_replies = on_replies
+        self._on_lost = on_lost
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20),
-                                                    connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionLost(f"cannot connect to {path}: {exc!r}") from None
-        return cls(path, reader, writer)
+            self._sock.settimeout(1.0)
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise ConnectionLost(f"cannot connect to {path}: {exc}") from None
+        self._sock.setblocking(False)
+        self._fd = self._sock.fileno()
+        self._buffer = bytearray()
+        self._unsent = bytearray()
+        self._closed = False
+        loop.add_reader(self._fd, self._readable)
 
     def send(self, data: bytes) -> None:
-        if self._writer.is_closing():
+        if self._closed:
             raise ConnectionLost(f"{self.path}: the connection is closed")
-        self._writer.write(data)
-
-    async def drain(self) -> None:
+        if self._unsent:
+            self._unsent += data
+            return
         try:
-            await self._writer.drain()
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError as exc:
-            raise ConnectionLost(f"{self.path}: {exc}") from None
+            self._lose(f"{self.path}: {exc}")
+            return
+        if sent < len(data):
+            self._unsent += memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._writable)
 
-    async def read_reply(self) -> tuple[int, int, bytes]:
+    def _writable(self) -> None:
         try:
-            header = await self._reader.readexactly(_REPLY_HEADER_LEN)
-            magic, version, status, body_len, request_id = _unpack_reply(header)
-            if magic != MAGIC or version != VERSION:
-                raise ConnectionLost(f"not a local-path reply: {header[:4]!r}")
-            body = await self._reader.readexactly(body_len) if body_len else b""
-        except (asyncio.IncompleteReadError, OSError) as exc:
-            raise ConnectionLost(f"{self.path}: the connection ended ({exc!r})") from None
-        return request_id, status, body
+            sent = self._sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(f"{self.path}: {exc}")
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            self._loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(f"{self.path}: {exc}")
+            return
+        if not data:
+            self._lose(f"{self.path}: the redo child closed the connection")
+            return
+        self._buffer += data
+        try:
+            replies, used = decode_replies(self._buffer)
+        except ConnectionLost as exc:
+            self._lose(str(exc))
+            return
+        if replies:
+            del self._buffer[:used]
+            self._on_replies(replies)
+
+    def _lose(self, reason: str) -> None:
+        if not self._closed:
+            self.close()
+            self._on_lost(reason)
 
     def close(self) -> None:
-        self._writer.close()
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._fd)
+            if self._unsent:
+                self._loop.remove_writer(self._fd)
+            self._sock.close()

@@ -140,10 +140,24 @@ static uint64 cpu_at_first_request_ns;
 
 static int64 blocks_written_at_start;
 static bool walredod_source_logs_hint_bits = false;
+
+/*
+ * Error replies on stdin (walredod.pipe_error_replies, which our engine sets;
+ * Neon's protocol has none, so it is off by default).  A request is then read
+ * whole, 'B' to 'G', and checked before redo touches anything, as on the
+ * local data path, and every reply starts with a status byte: PIPE_REPLY_OK
+ * then the page, or a refusal then a u32 length and a message.  A refused
+ * request leaves the process serving.
+ */
+#define PIPE_REPLY_OK		0
+#define PIPE_REPLY_INVALID	1	/* the request is wrong */
+#define PIPE_REPLY_INTERNAL 2	/* refused for a reason of ours */
+static bool walredod_pipe_error_replies = false;
 static XLogRecPtr wal_insert_at_start;
 
 static void serve(void) pg_attribute_noreturn();
 static void copy_target_page(char *page);
+static bool fill_input(size_t want, bool at_message_start);
 
 
 /*
@@ -988,13 +1002,13 @@ run_redo_request(const RedoRequest *req, char *page)
 }
 
 static void
-write_reply(const char *page)
+write_all(const char *data, size_t len)
 {
 	size_t		done = 0;
 
-	while (done < BLCKSZ)
+	while (done < len)
 	{
-		ssize_t		n = write(reply_fd, page + done, BLCKSZ - done);
+		ssize_t		n = write(reply_fd, data + done, len - done);
 
 		if (n < 0)
 		{
@@ -1006,6 +1020,12 @@ write_reply(const char *page)
 		}
 		done += n;
 	}
+}
+
+static void
+write_reply(const char *page)
+{
+	write_all(page, BLCKSZ);
 }
 
 /* 'G': reply with the rebuilt page, then forget the request. */
@@ -1051,7 +1071,227 @@ ping(uint32 len)
 				 errmsg("walredod: 'H' message has a %u-byte body, expected none",
 						len)));
 	MemSet(zeros.data, 0, BLCKSZ);
+	if (walredod_pipe_error_replies)
+	{
+		char		status = PIPE_REPLY_OK;
+
+		write_all(&status, 1);
+	}
 	write_reply(zeros.data);
+}
+
+/* Where a message of a whole request on stdin sits, from inbuf_start. */
+typedef struct PipeMessage
+{
+	char		type;
+	size_t		body;			/* offset of its body */
+	uint32		len;			/* length of its body */
+} PipeMessage;
+
+static PipeMessage *pipe_messages;
+static int	pipe_messages_size;
+static RedoRequestRecord *pipe_records;
+static int	pipe_records_size;
+static char pipe_reply[1 + BLCKSZ];
+
+/* Complain unless a message's body starts with the block tag 'tag'. */
+static void
+check_same_tag(const PipeMessage *m, const char *tag)
+{
+	RelFileNode rnode,
+				began_rnode;
+	ForkNumber	fork,
+				began_fork;
+	BlockNumber blkno,
+				began_blkno;
+
+	if (memcmp(inbuf + inbuf_start + m->body, tag, WIRE_TAG_LEN) == 0)
+		return;
+	parse_tag(tag, &began_rnode, &began_fork, &began_blkno);
+	parse_tag(inbuf + inbuf_start + m->body, &rnode, &fork, &blkno);
+	ereport(ERROR,
+			(errcode(ERRCODE_PROTOCOL_VIOLATION),
+			 errmsg("walredod: '%c' message names block %u/%u/%u fork %d blk %u, but redo began for %u/%u/%u fork %d blk %u",
+					m->type, rnode.spcNode, rnode.dbNode, rnode.relNode,
+					fork, blkno, began_rnode.spcNode, began_rnode.dbNode,
+					began_rnode.relNode, began_fork, began_blkno)));
+}
+
+/* Turn the messages of a whole request into 'req' (records in place). */
+static void
+build_pipe_request(RedoRequest *req, int nmessages)
+{
+	const char *base = inbuf + inbuf_start;
+	const char *tag = base + pipe_messages[0].body;
+	int			nrecords = 0;
+
+	parse_tag(tag, &req->rnode, &req->fork, &req->blkno);
+	req->image = NULL;
+	for (int i = 1; i < nmessages; i++)
+	{
+		const PipeMessage *m = &pipe_messages[i];
+		const char *body = base + m->body;
+
+		switch (m->type)
+		{
+			case 'P':
+				if (m->len != WIRE_TAG_LEN + BLCKSZ)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: 'P' message body is %u bytes, expected %d (tag and one %d-byte page)",
+									m->len, WIRE_TAG_LEN + BLCKSZ, BLCKSZ)));
+				if (i != 1)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: a 'P' message comes right after 'B', this one is message %d",
+									i)));
+				check_same_tag(m, tag);
+				req->image = body + WIRE_TAG_LEN;
+				break;
+			case 'A':
+				if (m->len < sizeof(uint64) + SizeOfXLogRecord)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: 'A' message body is %u bytes, too short for an LSN and a record header",
+									m->len)));
+				pipe_records[nrecords].end_lsn = get_u64(body);
+				pipe_records[nrecords].data = body + sizeof(uint64);
+				pipe_records[nrecords].len = m->len - sizeof(uint64);
+				nrecords++;
+				break;
+			case 'G':
+				if (m->len != WIRE_TAG_LEN)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: 'G' message body is %u bytes, expected %d",
+									m->len, WIRE_TAG_LEN)));
+				check_same_tag(m, tag);
+				break;
+		}
+	}
+	req->nrecords = nrecords;
+	req->records = pipe_records;
+	/* The pipe names no LSN of its own: the last record's end is the one. */
+	req->lsn = nrecords > 0 ? pipe_records[nrecords - 1].end_lsn : InvalidXLogRecPtr;
+}
+
+/*
+ * 'B' with error replies: read the request whole, check it, and answer it
+ * with the page or with why it was refused.
+ */
+static void
+serve_whole_pipe_request(void)
+{
+	size_t		pos = 0;
+	int			nmessages = 0;
+	RedoRequest req;
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ErrorData  *volatile refusal = NULL;
+
+	/*
+	 * A 'B' that is not a good block tag ends the process as without error
+	 * replies: which messages would belong to its request is not clear.
+	 */
+	{
+		uint32		len = get_u32(inbuf + inbuf_start + 1) - MSG_LENGTH_FIELD_LEN;
+		RelFileNode rnode;
+		ForkNumber	fork;
+		BlockNumber blkno;
+
+		if (len != WIRE_TAG_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: 'B' message body is %u bytes, expected %d",
+							len, WIRE_TAG_LEN)));
+		parse_tag(inbuf + inbuf_start + MSG_HEADER_LEN, &rnode, &fork, &blkno);
+	}
+
+	for (;;)
+	{
+		char		msgtype;
+		uint32		msglen;
+
+		fill_input(pos + MSG_HEADER_LEN, false);
+		msgtype = inbuf[inbuf_start + pos];
+		msglen = get_u32(inbuf + inbuf_start + pos + 1);
+		if (msglen < MSG_LENGTH_FIELD_LEN || msglen > MAX_MESSAGE_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: message '%c' has invalid length %u",
+							msgtype, msglen)));
+		/* Our engine sends B, P?, A*, G: anything else is lost framing. */
+		if (nmessages > 0 && msgtype != 'P' && msgtype != 'A' && msgtype != 'G')
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: message type 0x%02X inside a request",
+							(unsigned char) msgtype)));
+		fill_input(pos + MSG_HEADER_LEN + msglen - MSG_LENGTH_FIELD_LEN, false);
+		if (nmessages == pipe_messages_size)
+		{
+			int			size = Max(64, 2 * pipe_messages_size);
+
+			pipe_messages = pipe_messages == NULL ?
+				MemoryContextAllocHuge(TopMemoryContext, size * sizeof(PipeMessage)) :
+				repalloc_huge(pipe_messages, size * sizeof(PipeMessage));
+			pipe_records = pipe_records == NULL ?
+				MemoryContextAllocHuge(TopMemoryContext, size * sizeof(RedoRequestRecord)) :
+				repalloc_huge(pipe_records, size * sizeof(RedoRequestRecord));
+			pipe_messages_size = pipe_records_size = size;
+		}
+		pipe_messages[nmessages].type = msgtype;
+		pipe_messages[nmessages].body = pos + MSG_HEADER_LEN;
+		pipe_messages[nmessages].len = msglen - MSG_LENGTH_FIELD_LEN;
+		nmessages++;
+		pos += MSG_HEADER_LEN + msglen - MSG_LENGTH_FIELD_LEN;
+		if (msgtype == 'G')
+			break;
+	}
+
+	/* Refused here, nothing was touched: answer and carry on. */
+	PG_TRY();
+	{
+		build_pipe_request(&req, nmessages);
+		check_redo_request(&req);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		refusal = CopyErrorData();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+
+	if (refusal != NULL)
+	{
+		char	   *message = psprintf("%s (ERROR %s)", refusal->message,
+									   unpack_sql_state(refusal->sqlerrcode));
+		uint32		len = strlen(message);
+		char	   *reply = palloc(1 + 4 + len);
+		int			sqlstate = refusal->sqlerrcode;
+
+		reply[0] = (sqlstate == ERRCODE_PROTOCOL_VIOLATION ||
+					sqlstate == ERRCODE_DATA_CORRUPTED ||
+					sqlstate == ERRCODE_FEATURE_NOT_SUPPORTED ||
+					sqlstate == ERRCODE_INVALID_PARAMETER_VALUE) ?
+			PIPE_REPLY_INVALID : PIPE_REPLY_INTERNAL;
+		reply[1] = (char) (len >> 24);
+		reply[2] = (char) (len >> 16);
+		reply[3] = (char) (len >> 8);
+		reply[4] = (char) len;
+		memcpy(reply + 5, message, len);
+		write_all(reply, 5 + len);
+		pfree(reply);
+		pfree(message);
+		FreeErrorData(refusal);
+	}
+	else
+	{
+		/* From here on an error is a redo failure, and ends the process. */
+		run_redo_request(&req, pipe_reply + 1);
+		pipe_reply[0] = PIPE_REPLY_OK;
+		write_all(pipe_reply, sizeof(pipe_reply));
+	}
+	inbuf_start += pos;
 }
 
 /*
@@ -1157,6 +1397,11 @@ serve(void)
 		switch (msgtype)
 		{
 			case 'B':
+				if (walredod_pipe_error_replies)
+				{
+					serve_whole_pipe_request();
+					continue;	/* it consumed the request */
+				}
 				begin_redo(body, bodylen);
 				break;
 			case 'P':
@@ -1305,6 +1550,14 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("walredod.pipe_error_replies",
+							 "Answer a refused request on stdin with an error reply instead of exiting.",
+							 "Every reply then starts with a status byte (walredod's engine, not Neon's protocol).",
+							 &walredod_pipe_error_replies,
+							 false,
+							 PGC_SU_BACKEND,
+							 0,
+							 NULL, NULL, NULL);
 	local_server_define_gucs();
 	MarkGUCPrefixReserved("walredod");
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from walredod.config import EngineSettings
 from walredod.engine.board import Board, LocalCounters
-from walredod.engine.child import ChildDied, ChildGone, RedoChild
+from walredod.engine.child import ChildDied, ChildGone, ChildRefused, RedoChild
 from walredod.engine.datadir import DataDirectory, RunAs, find_extension
 from walredod.engine.pipe import PING, encode_request
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
@@ -35,6 +35,7 @@ _read_tot_len = struct.Struct("<I").unpack_from
 # with their SQLSTATE so the engine can tell a bad request from a redo failure.
 _CHILD_GUCS = (
     "walredod.serve=on",
+    "walredod.pipe_error_replies=on",  # a request refused before redo is answered, the child stays
     "fsync=off",
     "autovacuum=off",
     "jit=off",
@@ -186,6 +187,9 @@ class RedoEngine:
             child = self._active or self._take_over()
             try:
                 return child.request(message, timeout)
+            except ChildRefused as refusal:  # checked before redo: the child serves on
+                self.stats.errors += 1
+                raise refusal.error from None
             except ChildGone:
                 # Died while idle: it never saw this request, so the next child may serve it.
                 self._child_died(child, "died idle")
@@ -319,7 +323,7 @@ class RedoEngine:
             cwd = slot
         try:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name,
-                              board=board, pass_fds=pass_fds)
+                              board=board, pass_fds=pass_fds, error_replies=self.settings.kind == "vanilla")
         except Unavailable:
             if slot is not None:
                 self._free_slots.append(slot)

@@ -364,3 +364,16 @@ def test_doctor_wal_on_real_vanilla_wal(scenario):
     report = classify(WalReader(scenario.wal_dir).records())
     assert report.telling > 1000 and report.fits["neon"] == 0 and report.fits["neither"] == 0
     assert report.verdict == "vanilla"
+
+
+def test_visibility_map_clears_read_the_format_s_flags():
+    """Delete and lock keep their flags at 7 in vanilla WAL and at 13 in Neon's: the VM bits they clear are found
+    in both (and a Neon record read as vanilla would take its padding for flags)."""
+    from walredod.ingest import visibility_map_clears
+
+    for lock, bits in ((False, 0x03), (True, 0x02)):
+        for fmt in ("vanilla", "neon"):
+            record = decode_record(heap_delete_record(TAG, 1, fmt=fmt, xid=XID, xmax=XID, flags=0x01, lock=lock))
+            assert visibility_map_clears(record, fmt) == [(TAG.relation, BLK, bits)]
+            quiet = decode_record(heap_delete_record(TAG, 1, fmt=fmt, xid=XID, xmax=XID, flags=0, lock=lock))
+            assert visibility_map_clears(quiet, fmt) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import crc32c
 
@@ -300,8 +301,6 @@ def write_wal_segment(directory, records: Sequence[bytes], *, start_lsn: int = 0
     page headers (a long one at the segment start), records MAXALIGNed, a record crossing a page continued after
     the next page's header, each record's xl_prev the start of the one before (CRC recomputed). Returns each
     record's end LSN. ``start_lsn`` must be just past a page header."""
-    from pathlib import Path
-
     segno = start_lsn // WAL_SEGMENT_SIZE
     seg_start = segno * WAL_SEGMENT_SIZE
     segment = bytearray(WAL_SEGMENT_SIZE)

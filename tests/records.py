@@ -184,6 +184,10 @@ XLOG_HEAP_LOCK = 0x60
 XLOG_HEAP_INIT_PAGE = 0x80
 XLOG_HEAP2_MULTI_INSERT = 0x50
 XLOG_HEAP2_LOCK_UPDATED = 0x60
+XLH_UPDATE_CONTAINS_OLD_KEY = 0x08
+XLH_UPDATE_PREFIX_FROM_OLD = 0x20
+XLH_UPDATE_SUFFIX_FROM_OLD = 0x40
+XLH_DELETE_CONTAINS_OLD_KEY = 0x04
 NEON_PADDING = b"\x20\xff"  # Neon leaves its structs' padding uninitialised: never zero in real WAL
 
 
@@ -256,28 +260,40 @@ def heap_multi_insert_record(tag: BufferTag, tuples: Sequence[HeapTuple], *, fmt
 
 def heap_update_record(new_tag: BufferTag, old_offnum: int, new_offnum: int, new: HeapTuple, *, fmt: str,
                        xid: int, old_xmax: int, old_infobits: int = 0, old_cid: int = 0, new_xmax: int = 0,
-                       flags: int = 0, hot: bool = False, old_tag: BufferTag | None = None) -> bytes:
+                       flags: int = 0, hot: bool = False, old_tag: BufferTag | None = None,
+                       prefix_len: int = 0, suffix_len: int = 0, old_key: HeapTuple | None = None) -> bytes:
     """XLOG_HEAP_UPDATE / HOT_UPDATE: xl_heap_update (old_xmax, old_offnum, old_infobits_set, flags, new_xmax,
-    new_offnum; Neon: the old tuple's t_cid after flags) as main data; block 0 the new tuple's page with its header
-    and body, block 1 the old tuple's page when it is another."""
+    new_offnum; Neon: the old tuple's t_cid after flags) as main data, then ``old_key``'s header and body if given;
+    block 0 the new tuple's page with the lengths of a prefix and suffix taken from the old tuple (if any), the new
+    tuple's header and its body (null bitmap and padding, then the data between prefix and suffix); block 1 the
+    old tuple's page when it is another."""
+    flags |= (XLH_UPDATE_PREFIX_FROM_OLD if prefix_len else 0) | (XLH_UPDATE_SUFFIX_FROM_OLD if suffix_len else 0)
+    flags |= XLH_UPDATE_CONTAINS_OLD_KEY if old_key is not None else 0
     if fmt == "neon":
         main = struct.pack("<IHBBIIH", old_xmax, old_offnum, old_infobits, flags, old_cid, new_xmax, new_offnum)
     else:
         main = struct.pack("<IHBBIH", old_xmax, old_offnum, old_infobits, flags, new_xmax, new_offnum)
-    blocks = [BlockRef(new_tag, data=heap_header(new, fmt) + new.body)]
+    if old_key is not None:
+        main += heap_header(old_key, fmt) + old_key.body
+    lengths = (struct.pack("<H", prefix_len) if prefix_len else b"") + (struct.pack("<H", suffix_len) if suffix_len
+                                                                        else b"")
+    blocks = [BlockRef(new_tag, data=lengths + heap_header(new, fmt) + new.body)]
     if old_tag is not None:
         blocks.append(BlockRef(old_tag))
     return make_record(RM_HEAP_ID, XLOG_HEAP_HOT_UPDATE if hot else XLOG_HEAP_UPDATE, blocks, main, xid=xid)
 
 
 def heap_delete_record(tag: BufferTag, offnum: int, *, fmt: str, xid: int, xmax: int, infobits: int = 0,
-                       flags: int = 0, cid: int = 0, lock: bool = False) -> bytes:
+                       flags: int = 0, cid: int = 0, lock: bool = False, old_key: HeapTuple | None = None) -> bytes:
     """XLOG_HEAP_DELETE (or, ``lock``, XLOG_HEAP_LOCK, the same layout): xmax, offnum, infobits_set, flags;
-    Neon: 2 padding bytes and t_cid before infobits_set."""
+    Neon: 2 padding bytes and t_cid before infobits_set. A delete may carry ``old_key`` (header and body) after."""
+    flags |= XLH_DELETE_CONTAINS_OLD_KEY if old_key is not None else 0
     if fmt == "neon":
         main = struct.pack("<IH2sIBB", xmax, offnum, NEON_PADDING, cid, infobits, flags)
     else:
         main = struct.pack("<IHBB", xmax, offnum, infobits, flags)
+    if old_key is not None:
+        main += heap_header(old_key, fmt) + old_key.body
     return make_record(RM_HEAP_ID, XLOG_HEAP_LOCK if lock else XLOG_HEAP_DELETE, [BlockRef(tag)], main, xid=xid)
 
 

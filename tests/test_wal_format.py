@@ -242,6 +242,48 @@ def test_neon_update_across_pages(neon):
     ])
 
 
+@pytest.mark.parametrize("fmt", ["vanilla", "neon"])
+def test_update_with_prefix_suffix_and_old_key(vanilla, neon, fmt):
+    """The new tuple shares a prefix and a suffix with the old one (their lengths first in block 0 data) and the
+    record carries the old key for logical decoding: each engine rebuilds its own format's update, refuses the
+    other's."""
+    end = LSN + 0xB00
+    old_data = OLD.body[1:]  # after the padding byte up to t_hoff 24
+    middle = b"\x07new"
+    new = HeapTuple(OLD.infomask2, OLD.infomask, OLD.body[:1] + middle, cid=6)
+    key = row(b"\x09\0\0\0", cid=2, natts=1)
+    record = heap_update_record(TAG, 1, 2, new, fmt=fmt, xid=XID, old_xmax=XID, old_cid=11, prefix_len=8,
+                                suffix_len=0, old_key=key)
+    rebuilt = HeapTuple(OLD.infomask2, OLD.infomask, OLD.body[:1] + old_data[:8] + middle, cid=6)
+    infomask, infomask2 = neon_xmax_step(HEAP_XMIN_COMMITTED | HEAP_XMAX_INVALID | HEAP_HASVARWIDTH,
+                                         OLD.infomask2, 0)
+    cids = (11, 6) if fmt == "neon" else (0, 0)
+    expected = make_page(end, [
+        tuple_on_page(OLD, xmin=900, xmax=XID, cid=cids[0], ctid=(BLK, 2), infomask=infomask, infomask2=infomask2),
+        tuple_on_page(rebuilt, xmin=XID, cid=cids[1], ctid=(BLK, 2)),
+    ], prune_xid=XID)
+    right, wrong = (neon, vanilla) if fmt == "neon" else (vanilla, neon)
+    assert right.redo(TAG, end, old_page(), [WalRecord(end, record)]) == expected
+    with pytest.raises(InvalidRequest, match="engine.wal_format"):
+        wrong.redo(TAG, end, old_page(), [WalRecord(end, record)])
+
+
+@pytest.mark.parametrize("fmt", ["vanilla", "neon"])
+def test_delete_with_old_key(vanilla, neon, fmt):
+    """A delete that carries the old key for logical decoding: applied in its own format, refused in the other."""
+    end = LSN + 0xC00
+    key = row(b"\x09\0\0\0", cid=2, natts=1)
+    record = heap_delete_record(TAG, 1, fmt=fmt, xid=XID, xmax=XID, cid=4, infobits=XLHL_KEYS_UPDATED, old_key=key)
+    infomask, infomask2 = neon_xmax_step(HEAP_XMIN_COMMITTED | HEAP_XMAX_INVALID | HEAP_HASVARWIDTH,
+                                         OLD.infomask2, XLHL_KEYS_UPDATED)
+    expected = make_page(end, [tuple_on_page(OLD, xmin=900, xmax=XID, cid=4 if fmt == "neon" else 0, ctid=(BLK, 1),
+                                             infomask=infomask, infomask2=infomask2)], prune_xid=XID)
+    right, wrong = (neon, vanilla) if fmt == "neon" else (vanilla, neon)
+    assert right.redo(TAG, end, old_page(), [WalRecord(end, record)]) == expected
+    with pytest.raises(InvalidRequest, match="engine.wal_format"):
+        wrong.redo(TAG, end, old_page(), [WalRecord(end, record)])
+
+
 @pytest.mark.parametrize("combo", [False, True], ids=["plain-cmax", "combo-cid"])
 def test_neon_delete(neon, combo):
     end = LSN + 0x600

@@ -542,15 +542,6 @@ parse_redo(const char *body, uint32 len, RedoRequest *req, char *why, size_t why
 	return NULL;
 }
 
-static bool
-is_invalid_request_sqlstate(int sqlerrcode)
-{
-	return sqlerrcode == ERRCODE_PROTOCOL_VIOLATION ||
-		sqlerrcode == ERRCODE_DATA_CORRUPTED ||
-		sqlerrcode == ERRCODE_FEATURE_NOT_SUPPORTED ||
-		sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE;
-}
-
 static void
 record_latency(uint64 ns)
 {

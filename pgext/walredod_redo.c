@@ -30,6 +30,10 @@
  * changes nothing.  No page is ever written to disk: dirty buffers of these
  * relations are dropped, never flushed.
  *
+ * Heap records come in two layouts, vanilla PostgreSQL 15's and Neon
+ * compute's; walredod.wal_format says which this child serves, and a record
+ * in the other is refused before it is applied (see wal_format.c).
+ *
  * Copyright (c) 2026, the walredod developers.
  *-------------------------------------------------------------------------
  */
@@ -64,6 +68,7 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "wal_format.h"
 #include "walredod_redo.h"
 
 PG_MODULE_MAGIC;
@@ -140,6 +145,7 @@ static uint64 cpu_at_first_request_ns;
 
 static int64 blocks_written_at_start;
 static bool walredod_source_logs_hint_bits = false;
+static int	walredod_wal_format = WAL_FORMAT_VANILLA;
 
 /*
  * Error replies on stdin (walredod.pipe_error_replies, which our engine sets;
@@ -643,9 +649,10 @@ pin_target(void)
  * Would heap visibility redo stamp the target page with the record's LSN on
  * a server that logs hint bits?  PostgreSQL's heap_xlog_visible does so for
  * the heap block (block 1) when XLogHintBitIsNeeded() and the block needs
- * redo.  Our scratch cluster cannot run with wal_log_hints on (redo's free
- * space map updates would then write WAL of their own), so when the WAL's
- * source logged hint bits we apply that one step ourselves.
+ * redo; Neon's redo always does.  Our scratch cluster cannot run with
+ * wal_log_hints on (redo's free space map updates would then write WAL of
+ * their own), so when the WAL's source logged hint bits, or is Neon's, we
+ * apply that one step ourselves.
  */
 static bool
 visible_needs_lsn_stamp(XLogRecPtr end_lsn)
@@ -655,7 +662,8 @@ visible_needs_lsn_stamp(XLogRecPtr end_lsn)
 	Buffer		buf;
 	XLogRecPtr	page_lsn;
 
-	if (!walredod_source_logs_hint_bits ||
+	if (!(walredod_source_logs_hint_bits ||
+		  walredod_wal_format == WAL_FORMAT_NEON) ||
 		record->header.xl_rmid != RM_HEAP2_ID ||
 		(record->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
 		record->max_block_id < 1)
@@ -818,16 +826,78 @@ decode_into(DecodedXLogRecord *into, const char *rec, uint32 rec_len,
 	into->next_lsn = end_lsn;
 }
 
+static XLogRecPtr
+target_page_lsn(void)
+{
+	Buffer		buf = pin_target();
+	XLogRecPtr	lsn;
+
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	lsn = PageGetLSN(BufferGetPage(buf));
+	UnlockReleaseBuffer(buf);
+	return lsn;
+}
+
+/*
+ * The block ids of the reader's current record (a bit each) that name the
+ * target and whose tuples redo just wrote: not restored from an image, and
+ * either initialised by the record or behind it by LSN before it (redo skips
+ * a block that is not).
+ */
+static uint64
+target_blocks_redone(XLogRecPtr lsn_before, XLogRecPtr lsn_after,
+					 XLogRecPtr end_lsn)
+{
+	DecodedXLogRecord *record = reader->record;
+	uint64		blocks = 0;
+
+	if (lsn_after != end_lsn)
+		return 0;
+	for (int id = 0; id <= record->max_block_id; id++)
+	{
+		DecodedBkpBlock *blk = &record->blocks[id];
+
+		if (!blk->in_use || blk->apply_image ||
+			!RelFileNodeEquals(blk->rnode, scratch_rnode) ||
+			blk->forknum != target.fork || blk->blkno != target.blkno)
+			continue;
+		if ((blk->flags & BKPBLOCK_WILL_INIT) || lsn_before < end_lsn)
+			blocks |= UINT64CONST(1) << id;
+	}
+	return blocks;
+}
+
+/* Give the tuples redo wrote on the target Neon's t_cid and combo flag. */
+static void
+apply_neon_cid_fixes(XLogRecPtr lsn_before, XLogRecPtr end_lsn)
+{
+	Buffer		buf = pin_target();
+	Page		page;
+	uint64		redone;
+
+	LockBuffer(buf, BUFFER_LOCK_EXCLUSIVE);
+	page = BufferGetPage(buf);
+	redone = target_blocks_redone(lsn_before, PageGetLSN(page), end_lsn);
+	neon_apply_cid_fixes(page, redone);
+	if (redone != 0)
+		MarkBufferDirty(buf);
+	UnlockReleaseBuffer(buf);
+}
+
 /* Run the resource manager's redo on the decoded, remapped record. */
 static void
 replay_record(XLogRecPtr end_lsn)
 {
 	bool		stamp_lsn = visible_needs_lsn_stamp(end_lsn);
+	bool		fix_cids = neon_cid_fixes_pending();
+	XLogRecPtr	lsn_before = fix_cids ? target_page_lsn() : InvalidXLogRecPtr;
 	MemoryContext oldcontext;
 
 	oldcontext = MemoryContextSwitchTo(redo_context);
 	GetRmgr(reader->record->header.xl_rmid).rm_redo(reader);
 	MemoryContextSwitchTo(oldcontext);
+	if (fix_cids)
+		apply_neon_cid_fixes(lsn_before, end_lsn);
 	MemoryContextReset(redo_context);
 	if (stamp_lsn)
 		stamp_target_lsn(end_lsn);
@@ -863,6 +933,9 @@ apply_record(const char *body, uint32 len)
 
 	rec = check_record_message(body, len, &end_lsn, &rec_len);
 	decode_record(rec, rec_len, end_lsn);
+	check_heap_record_format(decoded, end_lsn, walredod_wal_format);
+	if (walredod_wal_format == WAL_FORMAT_NEON)
+		neon_heap_record_to_vanilla(decoded, redo_context);
 	nused = remap_blocks(used, &scratch_main_used);
 	replay_record(end_lsn);
 	release_record_blocks(used, nused, scratch_main_used);
@@ -880,6 +953,20 @@ static int	checked_records_size;
 
 /* Arenas larger than this are given back after their request. */
 #define CHECKED_ARENA_KEEP	(8 * 1024 * 1024)
+
+/*
+ * SQLSTATEs of refusals that say the request itself is wrong (the others
+ * are ours: out of memory while checking, say).
+ */
+bool
+is_invalid_request_sqlstate(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_PROTOCOL_VIOLATION ||
+		sqlerrcode == ERRCODE_DATA_CORRUPTED ||
+		sqlerrcode == ERRCODE_FEATURE_NOT_SUPPORTED ||
+		sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE ||
+		sqlerrcode == ERRCODE_WALREDOD_WAL_FORMAT_MISMATCH;
+}
 
 /*
  * Check a whole request before redo touches anything: the tag, every
@@ -958,6 +1045,7 @@ check_redo_request(const RedoRequest *req)
 
 		offset += MAXALIGN(DecodeXLogRecordRequiredSpace(r->len));
 		decode_into(record, r->data, r->len, r->end_lsn);
+		check_heap_record_format(record, r->end_lsn, walredod_wal_format);
 		check_record_blocks(record);
 		checked_records[i] = record;
 	}
@@ -984,6 +1072,8 @@ run_redo_request(const RedoRequest *req, char *page)
 		reader->record = checked_records[i];
 		reader->ReadRecPtr = end_lsn;
 		reader->EndRecPtr = end_lsn;
+		if (walredod_wal_format == WAL_FORMAT_NEON)
+			neon_heap_record_to_vanilla(reader->record, redo_context);
 		nused = remap_blocks(used, &scratch_main_used);
 		replay_record(end_lsn);
 		release_record_blocks(used, nused, scratch_main_used);
@@ -1269,10 +1359,7 @@ serve_whole_pipe_request(void)
 		char	   *reply = palloc(1 + 4 + len);
 		int			sqlstate = refusal->sqlerrcode;
 
-		reply[0] = (sqlstate == ERRCODE_PROTOCOL_VIOLATION ||
-					sqlstate == ERRCODE_DATA_CORRUPTED ||
-					sqlstate == ERRCODE_FEATURE_NOT_SUPPORTED ||
-					sqlstate == ERRCODE_INVALID_PARAMETER_VALUE) ?
+		reply[0] = is_invalid_request_sqlstate(sqlstate) ?
 			PIPE_REPLY_INVALID : PIPE_REPLY_INTERNAL;
 		reply[1] = (char) (len >> 24);
 		reply[2] = (char) (len >> 16);
@@ -1546,6 +1633,16 @@ _PG_init(void)
 							 "Heap visibility records then stamp the heap page with their LSN.",
 							 &walredod_source_logs_hint_bits,
 							 false,
+							 PGC_SU_BACKEND,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("walredod.wal_format",
+							 "Heap record format of the WAL: vanilla or neon.",
+							 "neon: WAL from a Neon compute, whose heap records carry the command id.",
+							 &walredod_wal_format,
+							 WAL_FORMAT_VANILLA,
+							 wal_format_options,
 							 PGC_SU_BACKEND,
 							 0,
 							 NULL, NULL, NULL);

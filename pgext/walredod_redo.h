@@ -37,6 +37,7 @@ typedef struct RedoRequest
 } RedoRequest;
 
 /* walredod_redo.c */
+extern bool is_invalid_request_sqlstate(int sqlerrcode);
 extern void check_redo_request(const RedoRequest *req);
 extern void run_redo_request(const RedoRequest *req, char *page);
 

@@ -128,6 +128,8 @@ static uint64 private_board[BOARD_SIZE / sizeof(uint64)];
 static MemoryContext local_context;
 static LocalConnection *connections;
 static int	nconnections;
+/* Connections open when accept4 last ran out of descriptors (else INT_MAX). */
+static int	accept_paused_at = INT_MAX;
 static struct pollfd *pollfds;
 static RedoRequestRecord *records;
 static int	records_size;
@@ -171,6 +173,13 @@ monotonic_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The inherited listening socket (-1: none), for the sandbox's rules. */
+int
+local_server_listen_fd(void)
+{
+	return local_listen_fd;
 }
 
 void
@@ -413,7 +422,16 @@ accept_connections(void)
 		{
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
-			/* EAGAIN: the other child took it; EMFILE and such: later */
+
+			/*
+			 * Out of descriptors (the sandbox caps them): the connection
+			 * waits in the backlog, or for the other child, until one of
+			 * ours closes; polling the listener meanwhile would spin.
+			 */
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+				errno == ENOMEM)
+				accept_paused_at = nconnections;
+			/* EAGAIN: the other child took it */
 			return;
 		}
 		c = &connections[nconnections++];
@@ -452,6 +470,8 @@ close_finished(void)
 		pfree(c->out);
 		board[B_CONNECTIONS_OPEN]--;
 	}
+	if (kept < nconnections)
+		accept_paused_at = INT_MAX;
 	nconnections = kept;
 }
 
@@ -693,7 +713,8 @@ local_server_serve_until_stdin(void)
 		pollfds[0].fd = STDIN_FILENO;
 		pollfds[0].events = POLLIN;
 		pollfds[1].fd = local_listen_fd;
-		pollfds[1].events = nconnections < MAX_CONNECTIONS ? POLLIN : 0;
+		pollfds[1].events =
+			nconnections < MAX_CONNECTIONS && nconnections < accept_paused_at ? POLLIN : 0;
 		for (int i = 0; i < nconnections; i++)
 		{
 			LocalConnection *c = &connections[i];

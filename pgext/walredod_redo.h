@@ -44,6 +44,7 @@ extern void run_redo_request(const RedoRequest *req, char *page);
 /* local_server.c */
 extern void local_server_define_gucs(void);
 extern void local_server_start(void);
+extern int	local_server_listen_fd(void);
 extern void local_server_serve_until_stdin(void);
 
 #endif							/* WALREDOD_REDO_H */

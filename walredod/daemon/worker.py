@@ -234,9 +234,12 @@ class Worker:
             self._busy_until = busy_until
         restarts = sum(self.engine.stats.restarts.values())
         self._reported_child = self.engine.child_pid
-        local = backend.encode_local_stats(self.engine.local_counters()) if self.engine.serves_local_path else None
-        self._send(backend.encode_heartbeat(self.server.requests, self.engine.child_pid or 0, restarts,
-                                            self._busy_until, local))
+        served, local = self.server.requests, None
+        if self.engine.serves_local_path:  # what its children answered on the local data path counts too
+            counters = self.engine.local_counters()
+            served += counters.requests_ok + counters.requests_refused + counters.requests_internal
+            local = backend.encode_local_stats(counters)
+        self._send(backend.encode_heartbeat(served, self.engine.child_pid or 0, restarts, self._busy_until, local))
 
     def _watch_local(self) -> None:
         """The redo children serve local clients on their own: replace one that died, kill one past a local

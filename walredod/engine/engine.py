@@ -253,6 +253,8 @@ class RedoEngine:
                 self._take_over()
             except Unavailable as exc:
                 log.error("%s: no redo child to take over: %s", self.name, exc)
+        if self._spare is None and not self._closed:
+            self._spare_wanted = self.settings.keep_spare  # start_spare replaces a spare that died too
 
     def local_counters(self) -> LocalCounters:
         """What this engine's children served on the local data path, since the engine started."""

@@ -43,13 +43,21 @@ def local_socket(daemon) -> str:
     return workers[0]["local"]
 
 
+def alive(pid: int) -> bool:
+    """Running or sleeping: not gone, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def children(daemon) -> set[int]:
-    """The redo children (active and spare) of the one worker."""
+    """The live redo children (active and spare) of the one worker."""
     worker = daemon.wait_ready(1)[0]["pid"]
     found = set()
     for task in Path(f"/proc/{worker}/task").iterdir():
         found |= {int(pid) for pid in (task / "children").read_text().split()}
-    return found
+    return {pid for pid in found if alive(pid)}
 
 
 def wait_for_children(daemon, count: int = 2, timeout: float = 30) -> set[int]:

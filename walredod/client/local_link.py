@@ -110,6 +110,11 @@ class LocalLink:
         self.pollables_changed = False
 
     @property
+    def has_events(self) -> bool:
+        """Events wait for the next drain (a connection lost while sending)."""
+        return bool(self._events)
+
+    @property
     def pollables(self) -> tuple:
         if self.connection is None:
             return (self.fallback.socket,)
@@ -132,6 +137,29 @@ class LocalLink:
     def send(self, frames: list) -> None:
         """A message without a flight (the shell's own): ZeroMQ."""
         self.fallback.send(frames)
+
+    def ready_for_round_trip(self, now: float) -> bool:
+        """Whether ``round_trip`` may use the connection now: it is open (or opens) and owes no reply."""
+        if self._ledger.pending or self._events:
+            return False
+        return (self.connection or self._connect(now)) is not None
+
+    def round_trip(self, data: bytes, request_id: int, deadline: float) -> tuple[int, bytes]:
+        """One request alone on the connection (ready_for_round_trip said so): (status, body) of its reply.
+        Raises ConnectionLost when the connection ends first, TimeoutError when nothing came by ``deadline``; the
+        connection is closed either way (a late reply is never read)."""
+        connection = self.connection
+        try:
+            connection.send(data)
+            replies = connection.read_replies(deadline)
+            if not replies:
+                raise TimeoutError
+            if len(replies) != 1 or replies[0][0] != request_id:
+                raise local.ConnectionLost(f"{self.path}: a reply to another request")
+        except BaseException:
+            self._lose()
+            raise
+        return replies[0][1], replies[0][2]
 
     def send_flight(self, flight, now: float) -> None:
         connection = self.connection or self._connect(now)

@@ -64,6 +64,8 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "sandbox.h"
+
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
@@ -378,6 +380,7 @@ begin_redo(const char *body, uint32 len)
 		finish_request();
 
 	parse_tag(body, &target.client_rnode, &target.client_fork, &target.blkno);
+	walredod_sandbox_probe(target.client_rnode.relNode);
 	/* Init forks would be flushed at once by redo; keep them in main. */
 	target.fork = target.client_fork == INIT_FORKNUM ? MAIN_FORKNUM : target.client_fork;
 	target.active = true;
@@ -951,6 +954,9 @@ take_over(void)
 	standbyState = STANDBY_DISABLED;
 	RmgrStartup();
 
+	/* Hostile input may follow: nothing outside the datadir from here on. */
+	walredod_sandbox_enter(-1);
+
 	PG_TRY();
 	{
 		prepare_scratch_relations();
@@ -988,6 +994,8 @@ _PG_init(void)
 							 PGC_SU_BACKEND,
 							 0,
 							 NULL, NULL, NULL);
+
+	walredod_sandbox_define_gucs();
 
 	if (!walredod_serve)
 		return;

@@ -37,6 +37,8 @@ _CHILD_GUCS = (
     "autovacuum=off",
     "jit=off",
     "huge_pages=off",
+    # Dynamic shared memory as files in the datadir, not in /dev/shm: the sandboxed child removes them at exit.
+    "dynamic_shared_memory_type=mmap",
     "max_connections=2",
     "superuser_reserved_connections=0",
     "max_worker_processes=0",
@@ -44,6 +46,8 @@ _CHILD_GUCS = (
     "max_replication_slots=0",
     "max_prepared_transactions=0",
     "max_locks_per_transaction=10",
+    # Bounds the child's open files (its sandbox caps them a little above this).
+    "max_files_per_process=256",
     "wal_level=minimal",
     "wal_buffers=64kB",
     "track_activities=off",
@@ -70,7 +74,10 @@ class RedoEngine:
     ...     page = engine.redo(tag, lsn, base_image, records)
     """
 
-    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo", **overrides):
+    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo",
+                 child_gucs: Sequence[str] = (), **overrides):
+        """``child_gucs``: more ``name=value`` settings for the children (the sandbox probes of tests and
+        `walredod doctor`)."""
         if settings is None:
             settings = EngineSettings(**overrides)
         elif overrides:
@@ -78,10 +85,10 @@ class RedoEngine:
         self.settings = settings
         self.name = name
         self.stats = EngineStats()
+        self._child_gucs = tuple(child_gucs)
         self._run_as = RunAs.for_settings(settings)
         self._data = None
         self._extension: Path | None = None
-        self._free_slots: list[Path] = []
         self._all_slots: list[Path] = []
         self._slot_of: dict[int, Path] = {}
         self._active: RedoChild | None = None
@@ -141,6 +148,12 @@ class RedoEngine:
     def spare_pid(self) -> int | None:
         return self._spare.pid if self._spare else None
 
+    def child_sandbox(self, timeout: float = 5.0) -> str | None:
+        """What the active child said about its sandbox ("seccomp=... landlock=..."); None if it said nothing."""
+        if self._active is None:
+            self._take_over()
+        return self._active.sandbox_report(timeout)
+
     def close(self) -> None:
         """Stop the children (EOF on their stdin) and remove their datadirs."""
         self._closed = True
@@ -152,7 +165,6 @@ class RedoEngine:
         for slot in self._all_slots:
             shutil.rmtree(slot, ignore_errors=True)
         self._all_slots.clear()
-        self._free_slots.clear()
 
     def __enter__(self) -> RedoEngine:
         return self
@@ -225,7 +237,7 @@ class RedoEngine:
         for _attempt in range(2):
             child, self._spare = self._spare, None
             if child is None:
-                self._bury_dead()  # frees the dead child's datadir for the new one
+                self._bury_dead()  # removes the dead child's datadir before a new one is made
                 child = self._start_child()
             try:
                 child.wait_ready(self.settings.start_timeout)
@@ -245,12 +257,15 @@ class RedoEngine:
             cwd = self.settings.data_dir if self.settings.data_dir.is_dir() else None
             slot = None
         else:
-            slot = self._free_slots.pop() if self._free_slots else self._new_slot()
+            # A fresh datadir for every child: one taken over leaves nothing for the next (datadir.py).
+            slot = self._new_slot()
             argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
-                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}"]
-            for guc in _CHILD_GUCS:
+                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
+                    "-c", f"walredod.sandbox={self.settings.sandbox}",
+                    "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}"]
+            for guc in (*_CHILD_GUCS, *self._child_gucs):
                 argv += ["-c", guc]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
@@ -259,7 +274,7 @@ class RedoEngine:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
         except Unavailable:
             if slot is not None:
-                self._free_slots.append(slot)
+                self._remove_slot(slot)
             raise
         if slot is not None:
             self._slot_of[child.pid] = slot
@@ -278,7 +293,12 @@ class RedoEngine:
     def _release_slot(self, child: RedoChild) -> None:
         slot = self._slot_of.pop(child.pid, None)
         if slot is not None:
-            self._free_slots.append(slot)
+            self._remove_slot(slot)
+
+    def _remove_slot(self, slot: Path) -> None:
+        self._data.remove_slot(slot)
+        if slot in self._all_slots:
+            self._all_slots.remove(slot)
 
 
 def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:

@@ -148,6 +148,20 @@ class RedoEngine:
     def spare_pid(self) -> int | None:
         return self._spare.pid if self._spare else None
 
+    @property
+    def child_datadir(self) -> Path | None:
+        """The active child's scratch datadir (vanilla)."""
+        return self._slot_of.get(self._active.pid) if self._active else None
+
+    @property
+    def data_root(self) -> Path | None:
+        return self._data.root if self._data else None
+
+    @property
+    def extension(self) -> Path | None:
+        """The copy of our extension the children load."""
+        return self._extension
+
     def child_sandbox(self, timeout: float = 5.0) -> str | None:
         """What the active child said about its sandbox ("seccomp=... landlock=..."); None if it said nothing."""
         if self._active is None:

@@ -13,11 +13,13 @@ from walredod.errors import WalredodError
 
 
 def doctor(args: argparse.Namespace) -> int:
-    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers."""
+    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers, and
+    the sandbox that child is in."""
     from walredod.engine import RedoEngine
     from walredod.engine.datadir import find_extension, find_postgres_bin
 
-    settings = EngineSettings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    settings = EngineSettings(**({"data_dir": args.data_dir} if args.data_dir else {}),
+                              **({"sandbox": args.sandbox} if args.sandbox else {}))
     print(f"postgres binary : {find_postgres_bin(settings)}")
     print(f"extension       : {find_extension(settings)}")
     print(f"data directory  : {settings.data_dir}")
@@ -32,8 +34,37 @@ def doctor(args: argparse.Namespace) -> int:
             rounds.append(time.perf_counter_ns() - t0)
         rounds.sort()
         print(f"ping round trip : p50 {rounds[len(rounds) // 2] / 1000:.1f} us over {len(rounds)} pings")
+        sandbox_ok = _doctor_sandbox(settings, engine)
+    if not sandbox_ok:
+        print(f"FAILED: the sandbox is not in force (engine.sandbox = {settings.sandbox!r})")
+        return 1
     print("ok: this machine can run walredod's redo engine")
     return 0
+
+
+def _doctor_sandbox(settings: EngineSettings, engine) -> bool:
+    """Print the sandbox of the engine's live child and of a probe child that tries to break out of it."""
+    from walredod.engine.sandbox import probe_sandbox, process_sandbox
+
+    report = engine.child_sandbox()
+    process = process_sandbox(engine.child_pid)
+    print(f"sandbox setting : {settings.sandbox}")
+    print(f"child sandbox   : {report or 'nothing said'}")
+    print(f"child process   : {process.describe()}")
+    if settings.sandbox == "off":
+        return True
+    # The probe child tries what a taken-over child would: the live child's datadir and memory, the extension
+    # every child loads, the data directory, a socket of its own (the daemon's sockets).
+    slot = engine.child_datadir
+    actions = [f"read:{slot}/PG_VERSION", f"write:{slot}/postgresql.auto.conf", f"write:{engine.extension}",
+               f"read:/proc/{engine.child_pid}/mem", f"list:{engine.data_root}", "socket"]
+    probe = probe_sandbox(settings, actions)
+    for action in actions:
+        print(f"probe           : {action}: {probe.outcomes.get(action, 'not run')}")
+    in_force = (report is not None and "seccomp=none" not in report and "landlock=none" not in report
+                and process.seccomp == 2 and process.no_new_privs and not process.dumpable)
+    refused = all(probe.outcomes.get(a, "").startswith(("denied", "killed")) for a in actions)
+    return (in_force and refused) or settings.sandbox == "best_effort"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -113,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it")
+    p = commands.add_parser("doctor", help="check the set-up: start a redo engine, ping it, show and probe its sandbox")
     p.add_argument("--data-dir", help="data directory (default: /var/lib/walredod as root, else ~/.local/state)")
     p.add_argument("--pings", type=int, default=1000)
+    p.add_argument("--sandbox", choices=["required", "best_effort", "off"],
+                   help="the engine.sandbox setting to check with (default: required)")
     p.set_defaults(func=doctor)
 
     def daemon_options(p: argparse.ArgumentParser) -> None:

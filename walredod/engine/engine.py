@@ -168,6 +168,11 @@ class RedoEngine:
             self._take_over()
         return self._active.sandbox_report(timeout)
 
+    def children_sandbox(self, timeout: float = 30.0) -> dict[int, str | None]:
+        """Child pid -> what it said about its sandbox, for the active child and the spare (waits for a spare that
+        is still starting)."""
+        return {child.pid: child.sandbox_report(timeout) for child in (self._active, self._spare) if child}
+
     def close(self) -> None:
         """Stop the children (EOF on their stdin) and remove their datadirs."""
         self._closed = True

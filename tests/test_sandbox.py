@@ -60,6 +60,23 @@ def test_every_child_of_an_engine_is_sandboxed(engine):
         assert_sandboxed(pid)
         assert report.startswith("seccomp=kill-unlisted(")
         assert "landlock=abi" in report and "dumpable=0" in report and "core=0" in report
+        limits = child_limits(pid)
+        assert limits["Max core file size"] == ("0", "0")
+        assert limits["Max file size"] == (str(1 << 30), str(1 << 30))  # one relation segment
+        assert limits["Max address space"] == (str(1024 << 20), str(1024 << 20))
+        assert limits["Max processes"] == ("0", "0")
+        soft, hard = limits["Max open files"]
+        assert soft == hard and int(soft) < 1024
+
+
+def child_limits(pid: int) -> dict[str, tuple[str, str]]:
+    """/proc/PID/limits: name -> (soft, hard); soft = hard means the child cannot raise it again."""
+    limits = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name = line[:26].strip()
+        soft, hard = line[26:].split()[:2]
+        limits[name] = (soft, hard)
+    return limits
 
 
 def test_every_child_of_the_daemon_is_sandboxed():
@@ -138,12 +155,14 @@ def test_a_child_cannot_leave_its_datadir(engine):
     engine.ping()  # the other child is untouched
 
 
-@pytest.mark.parametrize("action", ["socket", "signal:PARENT", "signal:1", "exec:/bin/sh"])
-def test_a_forbidden_system_call_kills_the_child_and_the_engine_serves_on(engine_data_dir, real_requests, action):
+@pytest.mark.parametrize("action", ["socket", "signal:PARENT", "signal:OTHER_CHILD", "signal:1", "exec:/bin/sh"])
+def test_a_forbidden_system_call_kills_the_child_and_the_engine_serves_on(engine, engine_data_dir, real_requests,
+                                                                          action):
     """Issue 14: a process of the children's uid connected to the backend socket and registered as a worker; a
-    child had the network, could signal and exec. Now the first such call ends the child; the request gets a typed
-    error, and the next request is served right by the next child."""
-    action = action.replace("PARENT", str(os.getpid()))
+    child had the network, could signal (another child runs as the same user) and exec. Now the first such call
+    ends the child; the request gets a typed error, and the next request is served right by the next child."""
+    engine.ping()
+    action = action.replace("PARENT", str(os.getpid())).replace("OTHER_CHILD", str(engine.child_pid))
     with RedoEngine(data_dir=engine_data_dir, source_logs_hint_bits=True,
                     child_gucs=probe_gucs(action)) as probed:
         first = probed.child_pid

@@ -283,3 +283,58 @@ def test_settings_default_to_the_required_sandbox():
     assert EngineSettings().sandbox == "required"
     text = textwrap.dedent((Path(__file__).parent.parent / "config" / "walredod.toml").read_text())
     assert 'sandbox = "required"' in text
+
+
+# --- one uid for everything (the systemd unit) --------------------------------------------------------------------
+
+@pytest.mark.skipif(not ROOT, reason="needs root to become the unit's single user")
+def test_one_uid_for_daemon_and_children_is_contained():
+    """Under the systemd unit the daemon and its children share the uid `walredod`: ownership separates nothing,
+    the sandbox must. A forked process becomes that user and runs an engine (children then run as the same uid, as
+    under the unit); a probe child tries what issue 14 found a child could do to its daemon and its siblings."""
+    import json
+    import pwd
+
+    unit_user = pwd.getpwnam("walredod")
+    data_dir = world_traversable_tmpdir("walredod-one-uid-")
+    os.chown(data_dir, unit_user.pw_uid, unit_user.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "daemon", as the unit's user
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(unit_user.pw_gid)
+            os.setuid(unit_user.pw_uid)
+            with RedoEngine(data_dir=data_dir) as engine:
+                slot, template = engine.child_datadir, next(engine.data_root.glob("template-*"))
+                me = os.getpid()
+                # Without the sandbox, this uid may write all of these (the control: we can).
+                with open(slot / "postgresql.auto.conf", "a"), open(engine.extension, "ab"):
+                    pass
+                actions = [f"write:{slot}/postgresql.auto.conf", f"read:{slot}/PG_VERSION",
+                           f"write:{template}/postgresql.auto.conf", f"write:{engine.extension}",
+                           f"read:/proc/{me}/mem", f"read:/proc/{me}/environ", f"read:/proc/{engine.child_pid}/mem",
+                           f"signal:{me}"]
+                result = probe_sandbox(engine.settings, actions)
+                outcome = {"uid": process_sandbox(engine.child_pid).uid, "outcomes": result.outcomes,
+                           "error": str(result.error), "me": me}
+            os.write(write_end, json.dumps(outcome).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    assert status == 0 and data
+    outcome = json.loads(data)
+    assert outcome["uid"] == unit_user.pw_uid  # the children share the daemon's uid
+    outcomes = outcome["outcomes"]
+    signal_action = f"signal:{outcome['me']}"
+    for action, result in outcomes.items():
+        expected = "killed" if action == signal_action else "denied (Permission denied)"
+        assert result == expected, action
+    assert len(outcomes) == 8 and "forbidden system call" in outcome["error"]

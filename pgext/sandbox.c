@@ -393,7 +393,14 @@ enter_seccomp(int listen_fd)
 	ALLOW("ppoll");
 	ALLOW("fcntl");
 	if (listen_fd >= 0)
+	{
 		ALLOW_IF("accept4", SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t) listen_fd));
+		ALLOW_IF("accept", SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t) listen_fd));
+	}
+	/* recv() and send() on a connection: no address, so only to its peer. */
+	ALLOW_IF("recvfrom", SCMP_A4(SCMP_CMP_EQ, 0));
+	ALLOW_IF("sendto", SCMP_A4(SCMP_CMP_EQ, 0));
+	ALLOW("shutdown");
 
 	/* Files, inside the data directory as Landlock has it. */
 	ALLOW("open");

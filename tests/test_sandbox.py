@@ -88,6 +88,12 @@ def test_every_child_of_the_daemon_is_sandboxed():
         for worker in workers:
             assert_sandboxed(worker["child_pid"])
             assert process_sandbox(worker["pid"]).seccomp == 0  # the sandbox is the child's alone
+        doctor = subprocess.run([sys.executable, "-m", "walredod", "doctor", "--endpoint", daemon.endpoint],
+                                capture_output=True, text=True, timeout=120)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        for worker in workers:
+            assert f"redo child pid {worker['child_pid']}, user " in doctor.stdout
+        assert doctor.stdout.count("Seccomp: 2 (filter), NoNewPrivs: 1, not dumpable") == 2
     finally:
         daemon.stop()
 

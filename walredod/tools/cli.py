@@ -18,6 +18,8 @@ def doctor(args: argparse.Namespace) -> int:
     from walredod.engine import RedoEngine
     from walredod.engine.datadir import find_extension, find_postgres_bin
 
+    if args.endpoint:
+        return _doctor_daemon(args.endpoint[0], args.timeout)
     settings = EngineSettings(**({"data_dir": args.data_dir} if args.data_dir else {}),
                               **({"sandbox": args.sandbox} if args.sandbox else {}))
     print(f"postgres binary : {find_postgres_bin(settings)}")
@@ -40,6 +42,32 @@ def doctor(args: argparse.Namespace) -> int:
         return 1
     print("ok: this machine can run walredod's redo engine")
     return 0
+
+
+def _doctor_daemon(endpoint: str, timeout: float) -> int:
+    """The sandbox of each live redo child of a running daemon, as the kernel reports it (each child also logs its
+    "sandbox in force" line, with its Landlock ABI, when it starts)."""
+    from walredod.client import RedoClient
+    from walredod.engine.sandbox import process_sandbox
+
+    with RedoClient(endpoint) as client:
+        workers = client.status(timeout=timeout)["workers"]
+    confined = True
+    for worker in workers:
+        pid = worker.get("child_pid")
+        if not pid:
+            print(f"worker {worker['slot']}: no redo child now ({worker['state']})")
+            continue
+        try:
+            process = process_sandbox(pid)
+        except OSError as exc:
+            print(f"worker {worker['slot']}: redo child {pid}: cannot read /proc ({exc.strerror})")
+            confined = False
+            continue
+        ok = process.seccomp == 2 and process.no_new_privs and not process.dumpable
+        confined &= ok
+        print(f"worker {worker['slot']}: redo child {process.describe()}{'' if ok else ': NOT SANDBOXED'}")
+    return 0 if confined else 1
 
 
 def _doctor_sandbox(settings: EngineSettings, engine) -> bool:
@@ -149,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pings", type=int, default=1000)
     p.add_argument("--sandbox", choices=["required", "best_effort", "off"],
                    help="the engine.sandbox setting to check with (default: required)")
+    p.add_argument("--endpoint", action="append",
+                   help="instead, show the sandbox of each redo child of the daemon serving this endpoint")
+    p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=doctor)
 
     def daemon_options(p: argparse.ArgumentParser) -> None:

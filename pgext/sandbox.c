@@ -204,8 +204,9 @@ static void
 limit_resources(rlim_t *nofile)
 {
 	/*
-	 * PostgreSQL's files stay below max_safe_fds plus what it reserves for
-	 * itself; the local data path's connections come on top.
+	 * PostgreSQL's files stay below max_safe_fds (a single-user backend keeps
+	 * its default, 48) plus what it reserves for itself; the local data
+	 * path's connections come on top.
 	 */
 	*nofile = max_safe_fds + EXTRA_OPEN_FILES;
 

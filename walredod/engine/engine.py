@@ -46,8 +46,6 @@ _CHILD_GUCS = (
     "max_replication_slots=0",
     "max_prepared_transactions=0",
     "max_locks_per_transaction=10",
-    # Bounds the child's open files (its sandbox caps them a little above this).
-    "max_files_per_process=256",
     "wal_level=minimal",
     "wal_buffers=64kB",
     "track_activities=off",

@@ -280,6 +280,7 @@ class RedoEngine:
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
                     "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
+                    "-c", f"walredod.wal_format={self.settings.wal_format}",
                     "-c", f"walredod.sandbox={self.settings.sandbox}",
                     "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}"]
             for guc in (*_CHILD_GUCS, *self._child_gucs):

@@ -16,15 +16,13 @@ from dataclasses import dataclass
 
 import crc32c
 
-from walredod.types import BLCKSZ, BufferTag
+from walredod.pg15 import (  # noqa: F401 (resource managers and record types the tests use, from here)
+    BLCKSZ, PAGE_HEADER, PG_PAGE_LAYOUT_VERSION, RM_HEAP2_ID, RM_HEAP_ID, RM_SMGR_ID, RM_XACT_ID, RM_XLOG_ID,
+    SIZE_OF_PAGE_HEADER, XLOG_FPI, XLOG_FPI_FOR_HINT, page_lsn,
+)
+from walredod.pg15 import with_page_lsn as with_lsn
+from walredod.types import BufferTag
 
-# Resource managers and record kinds used by the tests (src/include/access/rmgrlist.h, xlog_internal.h, ...).
-RM_XLOG_ID = 0
-RM_XACT_ID = 1
-RM_SMGR_ID = 2
-RM_HEAP2_ID = 9
-XLOG_FPI_FOR_HINT = 0xA0  # pg_control.h
-XLOG_FPI = 0xB0
 XLOG_XACT_COMMIT = 0x00
 XLOG_SMGR_TRUNCATE = 0x20
 
@@ -38,22 +36,9 @@ from walredod.wal import (  # noqa: E402
     XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT,
 )
 
-PAGE_HEADER_SIZE = 24  # SizeOfPageHeaderData
-PG_PAGE_LAYOUT_VERSION = 4
-_PAGE_HEADER = struct.Struct("<IIHHHHHHI")  # pd_lsn (hi, lo), checksum, flags, lower, upper, special, size|ver, prune
+PAGE_HEADER_SIZE = SIZE_OF_PAGE_HEADER
 LP_NORMAL = 1
 MAXALIGN = 8
-
-
-def page_lsn(page: bytes) -> int:
-    """pd_lsn of a page: two u32, the high half first."""
-    hi, lo = struct.unpack_from("<II", page)
-    return (hi << 32) | lo
-
-
-def with_lsn(page: bytes, lsn: int) -> bytes:
-    """The page with its pd_lsn set, as PageSetLSN does."""
-    return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + page[8:]
 
 
 def make_page(lsn: int = 0, tuples: Sequence[bytes] = (), special: bytes = b"", prune_xid: int = 0) -> bytes:
@@ -71,7 +56,7 @@ def make_page(lsn: int = 0, tuples: Sequence[bytes] = (), special: bytes = b"", 
         page[upper:upper + len(tuple_data)] = tuple_data
         struct.pack_into("<I", page, lower, upper | (LP_NORMAL << 15) | (len(tuple_data) << 17))
         lower += 4
-    _PAGE_HEADER.pack_into(page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, lower, upper, special_start,
+    PAGE_HEADER.pack_into(page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, lower, upper, special_start,
                            BLCKSZ | PG_PAGE_LAYOUT_VERSION, prune_xid)
     return bytes(page)
 

@@ -152,7 +152,7 @@ def test_batch_round_trip_and_malformed_batches():
             ([b"", header], "no requests"),
             ([b"", header, *requests[2][1:-1]], "LSN frame holds 2 LSNs but only 1"),
             ([b"", header, requests[0][1], requests[0][2]], "cut short"),
-            ([b"", header, protocol.encode_ping(3)[1], b"", b""], "not a redo request"),
+            ([b"", header, protocol.encode_control(3)[1], b"", b""], "not a redo request"),
             ([b"", header, *(requests[0][1:] * (protocol.MAX_BATCH + 1))], "more than"),
     ):
         with pytest.raises(InvalidRequest, match=message):

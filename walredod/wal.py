@@ -20,6 +20,7 @@ from pathlib import Path
 
 import crc32c
 
+from walredod.pg15 import RM_MAX_BUILTIN_ID, RM_MIN_CUSTOM_ID, RM_XLOG_ID, XLR_RMGR_INFO_MASK, rmgr_name
 from walredod.types import BufferTag, WalRecord, format_lsn
 
 XLOG_BLCKSZ = 8192
@@ -49,17 +50,7 @@ XLR_BLOCK_ID_DATA_LONG = 254
 XLR_BLOCK_ID_ORIGIN = 253
 XLR_BLOCK_ID_TOPLEVEL_XID = 252
 
-RM_XLOG_ID = 0
 XLOG_SWITCH = 0x40
-RM_MAX_BUILTIN_ID = 21
-RM_MIN_CUSTOM_ID = 128
-
-# PostgreSQL 15's built-in resource managers, by id, under the names pg_waldump prints.
-RMGR_NAMES = (
-    "XLOG", "Transaction", "Storage", "CLOG", "Database", "Tablespace", "MultiXact", "RelMap", "Standby", "Heap2",
-    "Heap", "Btree", "Hash", "Gin", "Gist", "Sequence", "SPGist", "BRIN", "CommitTs", "ReplicationOrigin",
-    "Generic", "LogicalMessage",
-)
 
 _page_header = struct.Struct("<HHIQI")  # magic, info, tli, pageaddr, rem_len
 _long_header_tail = struct.Struct("<QII")  # sysid, seg_size, xlog_blcksz
@@ -75,12 +66,6 @@ _SEGMENT_NAME = re.compile(r"^[0-9A-F]{24}$")
 
 def maxalign(n: int) -> int:
     return (n + 7) & ~7
-
-
-def rmgr_name(rmid: int) -> str:
-    if rmid < len(RMGR_NAMES):
-        return RMGR_NAMES[rmid]
-    return f"custom{rmid}" if rmid >= RM_MIN_CUSTOM_ID else f"unknown{rmid}"
 
 
 class WalDecodeError(ValueError):
@@ -154,7 +139,7 @@ class DecodedRecord:
     @property
     def rmgr_info(self) -> int:
         """The rmgr-specific bits of xl_info (the record type)."""
-        return self.info & 0xF0
+        return self.info & XLR_RMGR_INFO_MASK
 
     @property
     def is_switch(self) -> bool:
@@ -490,7 +475,7 @@ class WalReader:
         if not verify_crc(raw):
             raise _EndOfWal(f"{where}: CRC32C mismatch")
         end_lsn = maxalign(end)
-        if rmid == RM_XLOG_ID and info & 0xF0 == XLOG_SWITCH:
+        if rmid == RM_XLOG_ID and info & XLR_RMGR_INFO_MASK == XLOG_SWITCH:
             end_lsn = -(-end_lsn // self.segment_size) * self.segment_size  # the rest of the segment is unused
         try:
             return decode_record(raw, pos, end_lsn)

@@ -334,7 +334,7 @@ class Supervisor:
             slot.credit += 1
             if pending is not None and self.pending.pop(token, None) is not None:
                 self._send_client([pending.client, b"", *frames[3:]])  # a batch's reply has more frames
-                status = frames[3].buffer[3]
+                status = protocol.reply_status(frames[3].buffer)
                 self.metrics.observe(protocol.STATUS_NAMES.get(status, "ok"), now - pending.accepted,
                                      pending.records)
                 slot.served += 1

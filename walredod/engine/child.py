@@ -89,8 +89,9 @@ class RedoChild:
             self.read_page(timeout)
             self._replies_pending -= 1
 
-    def request(self, message: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
+    def request(self, message: bytes, deadline: float, timeout: float) -> bytes:
+        """Send one request and read its page, both by ``deadline`` (time.monotonic()); past it the child is
+        killed (RedoTimeout). ``timeout`` is the request's, for the error message."""
         self._write(message, deadline)
         return self.read_page(timeout, deadline)
 
@@ -131,9 +132,6 @@ class RedoChild:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # --- life and death -----------------------------------------------------------------------------------------
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
 
     def kill(self) -> None:
         if self.process.poll() is None:

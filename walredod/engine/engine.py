@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,11 @@ from walredod.engine.child import ChildDied, ChildGone, RedoChild
 from walredod.engine.datadir import DataDirectory, RunAs, find_extension
 from walredod.engine.pipe import PING, encode_request
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
-from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
+from walredod.objects import check_base_image, check_tag
+from walredod.types import ZERO_PAGE, BufferTag, WalRecord
 
 log = logging.getLogger(__name__)
 
-_U32_MAX = 0xFFFFFFFF
-_MAX_BLOCK_NUMBER = 0xFFFFFFFE  # PostgreSQL's MaxBlockNumber: blocks are numbered below it
 _XLOG_RECORD_HEADER_LEN = 24
 _read_tot_len = struct.Struct("<I").unpack_from
 
@@ -115,15 +115,22 @@ class RedoEngine:
         base_image: bytes | None,
         records: Sequence[WalRecord],
         timeout: float | None = None,
+        *,
+        deadline: float | None = None,
     ) -> bytes:
         """The page ``tag`` as of ``lsn``: ``base_image`` (None: the page did not exist) with ``records`` applied.
 
         ``records`` are the page's records in WAL order, each ``WalRecord(lsn=<end LSN>, data=<raw XLogRecord>)``.
-        Raises InvalidRequest, RedoFailed, RedoTimeout or Unavailable (walredod.errors).
+        The whole call, checks and encoding included, ends by ``deadline`` (time.monotonic()), or ``timeout``
+        seconds from now (default: the settings' request_timeout). Raises InvalidRequest, RedoFailed, RedoTimeout
+        or Unavailable (walredod.errors).
         """
+        started = time.monotonic()
+        if deadline is None:
+            deadline = started + (timeout if timeout is not None else self.settings.request_timeout)
         check_request(tag, lsn, base_image, records)
         message = encode_request(tag, base_image, records)
-        page = self._call(message, timeout)
+        page = self._call(message, deadline - started, deadline=deadline)
         self.stats.requests += 1
         self.stats.records += len(records)
         return page
@@ -166,16 +173,23 @@ class RedoEngine:
 
     # --- children -----------------------------------------------------------------------------------------------
 
-    def _call(self, message: bytes, timeout: float | None) -> bytes:
+    def _call(self, message: bytes, timeout: float | None = None, *, deadline: float | None = None) -> bytes:
+        """The child's answer to ``message``, by ``deadline`` or within ``timeout`` seconds (the settings'
+        request_timeout by default); ``timeout`` also names the time allowed in a RedoTimeout's message."""
         if self._closed:
             raise Unavailable("the redo engine is closed")
-        timeout = timeout if timeout is not None else self.settings.request_timeout
+        if timeout is None:
+            timeout = self.settings.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         if self._spare_wanted or self._dead:
             self.start_spare()
         for _attempt in range(2):
+            if time.monotonic() >= deadline:  # the child has not seen the request: it stays
+                raise RedoTimeout("the request's deadline passed before its records reached the redo child")
             child = self._active or self._take_over()
             try:
-                return child.request(message, timeout)
+                return child.request(message, deadline, timeout)
             except ChildGone:
                 # Died while idle: it never saw this request, so the next child may serve it.
                 self._child_died(child, "died idle")
@@ -285,15 +299,8 @@ def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: S
     """Refuse what would make the child fail for reasons we can see without decoding a record."""
     if not isinstance(tag, BufferTag):
         raise InvalidRequest(f"tag must be a BufferTag, not {type(tag).__name__}")
-    spcnode, dbnode, relnode, forknum, blkno = tag
-    if not (0 <= spcnode <= _U32_MAX and 0 <= dbnode <= _U32_MAX and 0 <= relnode <= _U32_MAX):
-        raise InvalidRequest(f"tag {tag}: relation OIDs must be unsigned 32-bit numbers")
-    if not 0 <= forknum <= 3:
-        raise InvalidRequest(f"tag {tag}: fork number must be 0 to 3")
-    if not 0 <= blkno < _MAX_BLOCK_NUMBER:
-        raise InvalidRequest(f"tag {tag}: block number must be below {_MAX_BLOCK_NUMBER:#x} (PostgreSQL's limit)")
-    if base_image is not None and len(base_image) != BLCKSZ:
-        raise InvalidRequest(f"base image is {len(base_image)} bytes, a page is {BLCKSZ}")
+    check_tag(tag)
+    check_base_image(tag, base_image)
     previous = 0
     for i, (rec_lsn, data) in enumerate(records):
         if len(data) < _XLOG_RECORD_HEADER_LEN:

@@ -16,6 +16,7 @@ from walredod.client.directory import WorkerDirectory
 from walredod.config import ConfigError, load_settings
 from walredod.errors import InvalidRequest, UnsupportedVersion
 from walredod.daemon.routing import Router, rank_slots
+from walredod.pg15 import MAX_BLOCK_NUMBER
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
 relations = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
@@ -55,7 +56,7 @@ def test_only_slots_with_credit_are_chosen():
 
 
 tags = st.builds(BufferTag, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
-                 st.integers(0, 3), st.integers(0, 2**32 - 2))
+                 st.integers(0, 3), st.integers(0, MAX_BLOCK_NUMBER - 1))
 records = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(min_size=24, max_size=200)), max_size=20)
 
 
@@ -127,9 +128,11 @@ def test_reply_round_trip():
 
 def test_unknown_kind_and_object():
     frames = protocol.encode_redo_request(1, BufferTag(1, 2, 3, 0, 4), 10, None, [])
-    for offset, value, message in ((3, 9, "unknown request kind"), (24, 5, "unknown object kind")):
+    for offset, value, message in ((3, b"\x09", "unknown request kind"), (24, b"\x05", "unknown object kind"),
+                                   (25, b"\x04", "fork number must be 0 to 3"),
+                                   (38, MAX_BLOCK_NUMBER.to_bytes(4, "big"), "block number must be below")):
         header = bytearray(frames[1])
-        header[offset] = value
+        header[offset:offset + len(value)] = value
         with pytest.raises(InvalidRequest, match=message):
             protocol.decode_request([frames[0], bytes(header), *frames[2:]])
 

@@ -81,9 +81,9 @@ class RedoEngine:
         self._run_as = RunAs.for_settings(settings)
         self._data = None
         self._extension: Path | None = None
-        self._free_slots: list[Path] = []
-        self._all_slots: list[Path] = []
-        self._slot_of: dict[int, Path] = {}
+        self._free_datadirs: list[Path] = []  # of dead children, for new ones
+        self._all_datadirs: list[Path] = []
+        self._datadir_of: dict[int, Path] = {}  # child pid -> its datadir
         self._active: RedoChild | None = None
         self._spare: RedoChild | None = None
         self._spare_wanted = False
@@ -156,10 +156,10 @@ class RedoEngine:
                 child.close()
         self._active = self._spare = None
         self._bury_dead()
-        for slot in self._all_slots:
-            shutil.rmtree(slot, ignore_errors=True)
-        self._all_slots.clear()
-        self._free_slots.clear()
+        for datadir in self._all_datadirs:
+            shutil.rmtree(datadir, ignore_errors=True)
+        self._all_datadirs.clear()
+        self._free_datadirs.clear()
 
     def __enter__(self) -> RedoEngine:
         return self
@@ -204,7 +204,7 @@ class RedoEngine:
         raise last.death_error()
 
     def _child_died(self, child: RedoChild, cause: str) -> None:
-        """Forget a dead (or hung) child. It is reaped and its slot reused later, off the request's path."""
+        """Forget a dead (or hung) child. It is reaped and its datadir reused later, off the request's path."""
         log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
         self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
         if cause != "died idle":  # an idle child that hung up is already dead; reaping it can wait
@@ -218,7 +218,7 @@ class RedoEngine:
     def _bury_dead(self) -> None:
         for child in self._dead:
             child.close()
-            self._release_slot(child)
+            self._release_datadir(child)
         self._dead.clear()
 
     def start_spare(self) -> None:
@@ -257,10 +257,10 @@ class RedoEngine:
             argv = [str(self.settings.neon_postgres_bin), "--wal-redo"]
             env = {"LD_LIBRARY_PATH": self.settings.neon_ld_library_path}
             cwd = self.settings.data_dir if self.settings.data_dir.is_dir() else None
-            slot = None
+            datadir = None
         else:
-            slot = self._free_slots.pop() if self._free_slots else self._new_slot()
-            argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
+            datadir = self._free_datadirs.pop() if self._free_datadirs else self._new_child_datadir()
+            argv = [str(self._data.postgres_bin), "--single", "-D", str(datadir),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
                     "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}"]
@@ -268,15 +268,15 @@ class RedoEngine:
                 argv += ["-c", guc]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-            cwd = slot
+            cwd = datadir
         try:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
         except Unavailable:
-            if slot is not None:
-                self._free_slots.append(slot)
+            if datadir is not None:
+                self._free_datadirs.append(datadir)
             raise
-        if slot is not None:
-            self._slot_of[child.pid] = slot
+        if datadir is not None:
+            self._datadir_of[child.pid] = datadir
         self.stats.children_started += 1
         try:
             child.send_warmup()
@@ -284,15 +284,15 @@ class RedoEngine:
             pass  # wait_ready reports it
         return child
 
-    def _new_slot(self) -> Path:
-        slot = self._data.new_slot()
-        self._all_slots.append(slot)
-        return slot
+    def _new_child_datadir(self) -> Path:
+        datadir = self._data.new_child_datadir()
+        self._all_datadirs.append(datadir)
+        return datadir
 
-    def _release_slot(self, child: RedoChild) -> None:
-        slot = self._slot_of.pop(child.pid, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+    def _release_datadir(self, child: RedoChild) -> None:
+        datadir = self._datadir_of.pop(child.pid, None)
+        if datadir is not None:
+            self._free_datadirs.append(datadir)
 
 
 def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:

@@ -188,3 +188,58 @@ def test_shipped_config_file_is_valid():
     from pathlib import Path
 
     load_settings(Path(__file__).resolve().parent.parent / "config" / "walredod.toml")
+
+
+def test_a_batch_weighs_its_requests():
+    """What is being placed counts in the average: one request spills off a worker a batch of eight still fits."""
+    relation = (1663, 5, 16384)
+    home, other = rank_slots(relation, [0, 1])
+    loads = {home: 3, other: 0}
+    router = Router(0.25)
+    assert router.choose(relation, [0, 1], loads.get, lambda s: True) == other  # bound ceil(1.25 x 4 / 2) = 3
+    assert router.choose(relation, [0, 1], loads.get, lambda s: True, weight=8) == home  # bound 7
+
+
+def test_request_ids_of_malformed_messages():
+    """The id comes back whenever the second frame starts with the magic and reaches past the id."""
+    header = protocol.encode_control(77)[1]
+    assert protocol.peek_request_id([b"", header[:40]]) == 77
+    assert protocol.peek_request_id([b"", header[:12]]) == 77
+    assert protocol.peek_request_id([b"not empty", header]) == 77
+    assert protocol.peek_request_id([b"", header[:11]]) is None
+    assert protocol.peek_request_id([b"", b"XR" + header[2:]]) is None
+    assert protocol.peek_request_id([b""]) is None
+
+
+def test_checks_run_in_the_documented_order():
+    """Magic, then version, then the header's size (docs/client-protocol.md, "How the daemon checks a request")."""
+    header = protocol.encode_control(5)[1]
+    wrong_version = header[:2] + bytes([9]) + header[3:]
+    with pytest.raises(InvalidRequest, match="magic") as caught:
+        protocol.decode_request([b"", b"XR" + wrong_version[2:40]])
+    assert not isinstance(caught.value, UnsupportedVersion)
+    with pytest.raises(UnsupportedVersion):
+        protocol.decode_request([b"", wrong_version[:12]])
+    with pytest.raises(InvalidRequest, match="12 bytes, expected 42"):
+        protocol.decode_request([b"", header[:12]])  # a ping is a whole header too
+    with pytest.raises(InvalidRequest, match="only the header frame"):
+        protocol.decode_request([b"", header, b""])
+    with pytest.raises(ValueError):
+        protocol.encode_control(1, protocol.KIND_REDO)
+    for kind in protocol.CONTROL_KINDS:
+        assert protocol.decode_request(protocol.encode_control(6, kind)).kind == kind
+
+
+@pytest.mark.parametrize("record, message", [
+    (b"WRSY\x01\x00" + bytes(4), "flags 0 are not 1, 2 or 3"),
+    (b"WRSY\x01\x04" + bytes(4), "flags 4"),
+    (b"WRSY\x01\x03" + bytes(5), "malformed"),
+    (b"WRSY\x03\x03" + bytes(4), "status 3 is not 1 or 2"),
+    (b"WRSY\x05" + bytes(4 + 8 + 3), "not an offset and whole"),
+    (b"WRSY\x04" + bytes(9), "malformed"),
+])
+def test_synthesized_records_refuse_what_they_do_not_define(record, message):
+    from walredod.native import synthesized
+
+    with pytest.raises(InvalidRequest, match=message):
+        synthesized.decode(record)

@@ -63,11 +63,11 @@ class RequestServer:
         self.expect_busy = expect_busy  # told a direct request's deadline before the work starts
         self.requests = 0
 
-    def serve(self, frames: list, deadline: float | None) -> list:
+    def serve(self, frames: list, deadline: float | None, taken: float | None = None) -> list:
         """One request's reply frames: the page, or a typed error. ``deadline`` None: a direct request, whose
-        deadline is its own timeout from now, the moment this worker takes it: decoding and checking count against
-        it as much as redo does."""
-        taken = time.monotonic()
+        deadline is its own timeout from ``taken`` (default: now), when this worker took it off its socket:
+        receiving, decoding and checking count against it as much as redo does."""
+        taken = taken if taken is not None else time.monotonic()
         request_id = protocol.peek_request_id(frames) or 0
         try:
             if deadline is None:
@@ -211,12 +211,13 @@ class Worker:
         served = 0
         while until_empty or served < _BURST:
             served += 1
+            taken = time.monotonic()
             try:
                 frames = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             body = [f.buffer for f in frames[1:]]
-            reply = self.server.serve(body, None)
+            reply = self.server.serve(body, None, taken)
             try:
                 protocol.send_frames(direct, [frames[0], *reply])
             except zmq.ZMQError:  # the client left: nobody to answer

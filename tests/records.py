@@ -26,15 +26,14 @@ from walredod.types import BufferTag
 XLOG_XACT_COMMIT = 0x00
 XLOG_SMGR_TRUNCATE = 0x20
 
-RECORD_HEADER = struct.Struct("<IIQBB2xI")  # xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid, pad, xl_crc
-assert RECORD_HEADER.size == 24
-_CRC_OFFSET = 20
-
-# fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids: the WAL reader's.
+# The record header and fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids: the WAL reader's.
 from walredod.wal import (  # noqa: E402
+    RECORD_HEADER_LAYOUT as RECORD_HEADER,
     BKPBLOCK_HAS_DATA, BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPBLOCK_WILL_INIT, BKPIMAGE_APPLY, BKPIMAGE_HAS_HOLE,
-    XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT,
+    XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT, seal_record,
 )
+
+_CRC_OFFSET = RECORD_HEADER.size - 4
 
 PAGE_HEADER_SIZE = SIZE_OF_PAGE_HEADER
 LP_NORMAL = 1
@@ -128,9 +127,7 @@ def make_record(rmid: int, info: int, blocks: Sequence[BlockRef] = (), main_data
             headers.append(struct.pack("<BB", XLR_BLOCK_ID_DATA_SHORT, len(main_data)))
         else:
             headers.append(struct.pack("<BI", XLR_BLOCK_ID_DATA_LONG, len(main_data)))
-    body = b"".join(headers) + b"".join(payloads) + main_data
-    header = RECORD_HEADER.pack(RECORD_HEADER.size + len(body), xid, prev, info, rmid, 0)
-    return with_crc(header + body)
+    return seal_record(xid, prev, info, rmid, b"".join(headers) + b"".join(payloads) + main_data)
 
 
 def with_crc(record: bytes) -> bytes:

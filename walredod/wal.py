@@ -27,7 +27,6 @@ XLOG_BLCKSZ = 8192
 XLOG_PAGE_MAGIC = 0xD110  # PostgreSQL 15's WAL format
 SHORT_PAGE_HEADER = 24
 LONG_PAGE_HEADER = 40
-RECORD_HEADER = 24
 MAX_RECORD_LEN = 1 << 30  # PostgreSQL cannot allocate a larger record
 
 XLP_FIRST_IS_CONTRECORD = 0x01
@@ -54,7 +53,10 @@ XLOG_SWITCH = 0x40
 
 _page_header = struct.Struct("<HHIQI")  # magic, info, tli, pageaddr, rem_len
 _long_header_tail = struct.Struct("<QII")  # sysid, seg_size, xlog_blcksz
-_record_header = struct.Struct("<IIQBB2xI")  # tot_len, xid, prev, info, rmid, crc
+RECORD_HEADER_LAYOUT = struct.Struct("<IIQBB2xI")  # xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid, pad, xl_crc
+RECORD_HEADER = RECORD_HEADER_LAYOUT.size  # 24
+_CRC_OFFSET = RECORD_HEADER - 4
+_record_header = RECORD_HEADER_LAYOUT
 _u8 = struct.Struct("<B").unpack_from
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -161,11 +163,24 @@ class DecodedRecord:
                 f"lsn {format_lsn(self.start_lsn)}{': ' + blocks if blocks else ''}")
 
 
+def record_total_length(raw: bytes | memoryview) -> int:
+    """xl_tot_len of a raw record (at least 4 bytes of it)."""
+    return _u32(raw, 0)[0]
+
+
+def seal_record(xid: int, prev: int, info: int, rmid: int, body: bytes) -> bytes:
+    """A whole record from its header fields and body (block headers, images and data, main data): xl_tot_len
+    and xl_crc filled in as XLogRecordAssemble and XLogInsert do."""
+    header = RECORD_HEADER_LAYOUT.pack(RECORD_HEADER + len(body), xid, prev, info, rmid, 0)
+    crc = crc32c.crc32c(header[:_CRC_OFFSET], crc32c.crc32c(body))
+    return header[:_CRC_OFFSET] + struct.pack("<I", crc) + body
+
+
 def verify_crc(raw: bytes | memoryview) -> bool:
     """True when the record's xl_crc matches: CRC32C of the payload, then of the header up to xl_crc."""
     crc = crc32c.crc32c(raw[RECORD_HEADER:])
-    crc = crc32c.crc32c(raw[:RECORD_HEADER - 4], crc)
-    return crc == _u32(raw, RECORD_HEADER - 4)[0]
+    crc = crc32c.crc32c(raw[:_CRC_OFFSET], crc)
+    return crc == _u32(raw, _CRC_OFFSET)[0]
 
 
 def decode_record(raw: bytes, start_lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:

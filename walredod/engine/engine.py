@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,11 +22,10 @@ from walredod.engine.pipe import PING, encode_request
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
 from walredod.objects import check_base_image, check_tag
 from walredod.types import ZERO_PAGE, BufferTag, WalRecord
+from walredod.wal import RECORD_HEADER, record_total_length
 
 log = logging.getLogger(__name__)
 
-_XLOG_RECORD_HEADER_LEN = 24
-_read_tot_len = struct.Struct("<I").unpack_from
 
 # Settings for the scratch cluster's single-user backend: small shared memory, nothing in the background, errors
 # with their SQLSTATE so the engine can tell a bad request from a redo failure.
@@ -303,9 +301,9 @@ def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: S
     check_base_image(tag, base_image)
     previous = 0
     for i, (rec_lsn, data) in enumerate(records):
-        if len(data) < _XLOG_RECORD_HEADER_LEN:
+        if len(data) < RECORD_HEADER:
             raise InvalidRequest(f"record {i} is {len(data)} bytes, shorter than a record header")
-        tot_len = _read_tot_len(data)[0]
+        tot_len = record_total_length(data)
         if tot_len != len(data):
             raise InvalidRequest(f"record {i}: xl_tot_len says {tot_len} bytes but {len(data)} were given")
         if rec_lsn < previous:

@@ -16,6 +16,7 @@ from walredod.client.directory import WorkerDirectory
 from walredod.config import ConfigError, load_settings
 from walredod.errors import InvalidRequest, UnsupportedVersion
 from walredod.daemon.routing import Router, rank_slots
+from walredod.objects import RelMapTag, SlruPageTag
 from walredod.pg15 import MAX_BLOCK_NUMBER
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
@@ -243,3 +244,28 @@ def test_synthesized_records_refuse_what_they_do_not_define(record, message):
 
     with pytest.raises(InvalidRequest, match=message):
         synthesized.decode(record)
+
+
+@pytest.mark.parametrize("tag, image, message", [
+    (BufferTag(1663, 5, 16384, 4, 0), None, "fork number must be 0 to 3"),
+    (BufferTag(1663, 5, 2**32, 0, 0), None, "unsigned 32-bit"),
+    (BufferTag(1663, 5, 16384, 0, MAX_BLOCK_NUMBER), None, "block number must be below"),
+    (BufferTag(1663, 5, 16384, 0, 0), bytes(100), "base image is 100 bytes, a page is 8192"),
+    (SlruPageTag(3, 0), None, "SLRU kind 3 is not 0 to 2"),
+    (RelMapTag(1663, 5), bytes(8192), "base image is 8192 bytes, a relation-map file is 512"),
+    ((1663, 5, 16384, 0, 0), None, "tuple is not a page or object"),
+])
+def test_one_check_of_tags_and_base_images(tag, image, message):
+    """The client, the protocol decoder, the engine and the Python redo all refuse with the same check."""
+    from walredod.client.client import _check_args
+    from walredod.native.rebuild import rebuild_object
+    from walredod.objects import TwoPhaseTag, check_base_image, check_tag
+
+    with pytest.raises(InvalidRequest, match=message):
+        check_tag(tag)
+        check_base_image(tag, image)
+    with pytest.raises(InvalidRequest, match=message):
+        _check_args(tag, image)
+    if isinstance(tag, (SlruPageTag, RelMapTag, TwoPhaseTag)) and image is not None:
+        with pytest.raises(InvalidRequest, match=message):
+            rebuild_object(tag, image, [])

@@ -26,7 +26,8 @@ from walredod.types import BufferTag
 XLOG_XACT_COMMIT = 0x00
 XLOG_SMGR_TRUNCATE = 0x20
 
-# The record header and fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids: the WAL reader's.
+# The record header, fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids:
+# the WAL reader's.
 from walredod.wal import (  # noqa: E402
     RECORD_HEADER_LAYOUT as RECORD_HEADER,
     BKPBLOCK_HAS_DATA, BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPBLOCK_WILL_INIT, BKPIMAGE_APPLY, BKPIMAGE_HAS_HOLE,

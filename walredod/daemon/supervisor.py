@@ -393,7 +393,8 @@ class Supervisor:
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.engine.request_timeout
         token = next(self.tokens)
         self.pending[token] = Pending(client, request_id, frames[2:], protocol.routing_key(request.tag),
-                                      now + timeout, now, len(request.records), len(request.batch) if request.batch else 1)
+                                      now + timeout, now, len(request.records),
+                                      len(request.batch) if request.batch else 1)
         self.waiting.append(token)
         self._dispatch_waiting()
 

@@ -15,7 +15,7 @@ from walredod import pg15, protocol
 from walredod.config import DaemonSettings, Settings
 from walredod.engine import pipe
 from walredod.errors import REDO_CHILD_SQLSTATES
-from walredod.ingest import _UPDATE_OPS, _VM_CLEARS
+from walredod.ingest import UPDATE_OPS, VISIBILITY_MAP_CLEARS
 from walredod.native import synthesized
 from walredod.objects import RELMAP_FILE_SIZE, base_image_size
 from walredod.types import BufferTag
@@ -194,8 +194,8 @@ def test_visibility_map_clears():
         else:
             assert int(rmid) == pg15.RM_HEAP_ID and rule[0] == 7 and rule[2] == 3
             update.add((ops, rule[1], row["heap block of"]))
-    assert single == _VM_CLEARS
-    assert update == {(_UPDATE_OPS, 0x01, "block 1 (block 0 when absent)"), (_UPDATE_OPS, 0x02, "block 0")}
+    assert single == VISIBILITY_MAP_CLEARS
+    assert update == {(UPDATE_OPS, 0x01, "block 1 (block 0 when absent)"), (UPDATE_OPS, 0x02, "block 0")}
 
 
 # --- control requests: the status and directory documents ------------------------------------------------------------

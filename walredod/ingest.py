@@ -103,7 +103,7 @@ def _start_over(record: DecodedRecord, histories: dict[BufferTag, PageHistory],
 # --- objects rebuilt in Python, and visibility-map pages ------------------------------------------------------------
 
 SMGR_TRUNCATE_VM = 0x02
-_VM_CLEARS = {
+VISIBILITY_MAP_CLEARS = {
     # (rmid, op): (offset of the flags byte in the main data, its "cleared" bit, VM bits cleared on block 0)
     (RM_HEAP_ID, XLOG_HEAP_INSERT): (2, 0x01, 0x03),
     (RM_HEAP_ID, XLOG_HEAP_DELETE): (7, 0x01, 0x03),
@@ -111,7 +111,7 @@ _VM_CLEARS = {
     (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT): (0, 0x01, 0x03),
     (RM_HEAP2_ID, XLOG_HEAP2_LOCK_UPDATED): (7, 0x01, 0x02),  # all-frozen only
 }
-_UPDATE_OPS = (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE)  # flags at 7: bit 0 old block, bit 1 new block
+UPDATE_OPS = (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE)  # flags at 7: bit 0 old block, bit 1 new block
 
 
 @dataclass
@@ -130,7 +130,7 @@ class ObjectHistory:
 def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, int], int, int]]:
     """(relation, heap block, VM bits) that heap redo of this record clears, with no reference to the map page."""
     op = record.info & XLOG_HEAP_OPMASK
-    if record.rmid == RM_HEAP_ID and op in _UPDATE_OPS:
+    if record.rmid == RM_HEAP_ID and op in UPDATE_OPS:
         flags = record.main_data[7]
         new = record.blocks[0].tag
         old = record.block(1).tag if record.block(1) is not None else new
@@ -140,7 +140,7 @@ def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, i
         if flags & 0x02:
             clears.append((new.relation, new.blkno, 0x03))
         return clears
-    rule = _VM_CLEARS.get((record.rmid, op))
+    rule = VISIBILITY_MAP_CLEARS.get((record.rmid, op))
     if rule is None or not record.blocks:
         return []
     offset, bit, bits = rule

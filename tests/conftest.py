@@ -8,10 +8,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (waldump, records)
 
 from groundtruth.cluster import PgCluster, pg_available  # noqa: E402
+
+# No test is timed (speed is for bench/): hypothesis's per-example deadline would fail on a loaded machine.
+settings.register_profile("walredod", deadline=None)
+settings.load_profile("walredod")
 
 REPORTS: list[str] = []  # tables printed at the end of the run (pages checked per rmgr, ...)
 

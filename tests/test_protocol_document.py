@@ -19,6 +19,7 @@ from walredod.ingest import UPDATE_OPS, VISIBILITY_MAP_CLEARS
 from walredod.native import synthesized
 from walredod.objects import RELMAP_FILE_SIZE, base_image_size
 from walredod.types import BufferTag
+from walredod.walformat import LAYOUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_PROTOCOL = ROOT / "docs" / "client-protocol.md"
@@ -195,6 +196,9 @@ def test_visibility_map_clears():
             assert int(rmid) == pg15.RM_HEAP_ID and rule[0] == 7 and rule[2] == 3
             update.add((ops, rule[1], row["heap block of"]))
     assert single == VISIBILITY_MAP_CLEARS
+    neon_delete_flags = LAYOUTS["neon"].delete_flags
+    assert LAYOUTS["vanilla"].delete_flags == single[(pg15.RM_HEAP_ID, pg15.XLOG_HEAP_DELETE)][0]
+    assert f"DELETE and LOCK is at byte {neon_delete_flags} of the main data" in CLIENT_PROTOCOL.read_text()
     assert update == {(UPDATE_OPS, 0x01, "block 1 (block 0 when absent)"), (UPDATE_OPS, 0x02, "block 0")}
 
 
@@ -240,7 +244,7 @@ def test_sqlstate_table_is_the_code_table():
     rows = table_after(CHILD_PROTOCOL, "Errors")
     documented = {plain(row["SQLSTATE"]): (plain(row["errcode in C"]), plain(row["engine error"])) for row in rows}
     assert documented == {code: (state.errcode, state.error.__name__) for code, state in REDO_CHILD_SQLSTATES.items()}
-    extension = (ROOT / "pgext" / "walredod_redo.c").read_text()
+    extension = "".join(source.read_text() for source in sorted((ROOT / "pgext").glob("*.c")))
     for state in REDO_CHILD_SQLSTATES.values():
         assert f"errcode({state.errcode})" in extension, f"the extension never raises {state.errcode}"
 

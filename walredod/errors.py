@@ -72,6 +72,7 @@ REDO_CHILD_SQLSTATES: dict[str, SqlState] = {state.code: state for state in (
     SqlState("XX001", "ERRCODE_DATA_CORRUPTED", InvalidRequest),  # a record's length or CRC is wrong
     SqlState("0A000", "ERRCODE_FEATURE_NOT_SUPPORTED", InvalidRequest),  # a resource manager we do not apply
     SqlState("22023", "ERRCODE_INVALID_PARAMETER_VALUE", InvalidRequest),  # a record not of the requested block
+    SqlState("WR001", "ERRCODE_WALREDOD_WAL_FORMAT_MISMATCH", InvalidRequest),  # a heap record of the other WAL format
 )}
 """The one table of SQLSTATEs with a meaning of their own (docs/redo-child-protocol.md, "Errors"); any other
 SQLSTATE is redo itself failing (RedoFailed)."""

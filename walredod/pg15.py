@@ -64,6 +64,7 @@ XLOG_FPI = 0xB0
 
 # Heap and Heap2 record types (heapam_xlog.h): the operation is xl_info & XLOG_HEAP_OPMASK.
 XLOG_HEAP_OPMASK = 0x70
+XLOG_HEAP_INIT_PAGE = 0x80  # the record starts the page anew
 XLOG_HEAP_INSERT = 0x00
 XLOG_HEAP_DELETE = 0x10
 XLOG_HEAP_UPDATE = 0x20

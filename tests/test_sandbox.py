@@ -1,7 +1,7 @@
 """The redo child's sandbox (pgext/sandbox.c): every child is in it, and what a taken-over child would try is refused.
 
 A taken-over child is played by the sandbox probes: a sandboxed child attempts the actions of issue 14's findings
-(other slots' files, the extension, other processes' memory, a socket to the daemon, signals, exec) from inside
+(other children's datadirs, the extension, other processes' memory, a socket to the daemon, signals, exec) from inside
 its sandbox, and says what happened. What the kernel says about each child is read from /proc, outside it.
 """
 
@@ -22,7 +22,7 @@ import pytest
 from conftest import world_traversable_tmpdir
 from walredod.config import EngineSettings
 from walredod.engine import RedoEngine
-from walredod.engine.datadir import RunAs
+from walredod.engine.datadir import CHILD_DATADIRS, RunAs
 from walredod.engine.sandbox import PROBE_RELNODE, probe_sandbox, process_sandbox
 from walredod.errors import RedoFailed, Unavailable
 from walredod.types import BufferTag
@@ -100,7 +100,7 @@ def test_every_child_of_the_daemon_is_sandboxed():
 
 def test_a_replacement_child_is_sandboxed_in_a_fresh_datadir(engine):
     engine.ping()
-    old_pid, old_slot = engine.child_pid, engine.child_datadir
+    old_pid, old_datadir = engine.child_pid, engine.child_datadir
     os.kill(old_pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while engine.child_pid in (old_pid, None) and time.monotonic() < deadline:
@@ -110,36 +110,36 @@ def test_a_replacement_child_is_sandboxed_in_a_fresh_datadir(engine):
             pass
     engine.start_spare()  # buries the dead child: its datadir goes
     assert engine.child_pid != old_pid
-    assert engine.child_datadir != old_slot and not old_slot.exists()
+    assert engine.child_datadir != old_datadir and not old_datadir.exists()
     for pid in engine.children_sandbox():
         assert_sandboxed(pid)
 
 
 @pytest.mark.skipif(not ROOT, reason="ownership separates children from the daemon only when the daemon is root")
 def test_what_children_start_from_is_not_theirs(engine):
-    """A child owns its datadir and nothing else: not the template, not the extension, not slots/ or the root."""
+    """A child owns its datadir and nothing else: not the template, not the extension, not children/ or the root."""
     child = RunAs.for_settings(engine.settings)
     root = engine.data_root
-    for path in (root, root / "slots", root / "lib", engine.extension, *root.glob("template-*")):
+    for path in (root, root / CHILD_DATADIRS, root / "lib", engine.extension, *root.glob("template-*")):
         st = path.stat()
         assert st.st_uid == 0, path
         assert not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH), path
-    slot = engine.child_datadir.stat()
-    assert (slot.st_uid, stat.S_IMODE(slot.st_mode)) == (child.uid, 0o700)
+    datadir = engine.child_datadir.stat()
+    assert (datadir.st_uid, stat.S_IMODE(datadir.st_mode)) == (child.uid, 0o700)
 
 
 # --- what a taken-over child would try ----------------------------------------------------------------------------
 
 def test_a_child_cannot_leave_its_datadir(engine):
-    """Issue 14: a child read and wrote other slots' datadirs (one line in postgresql.auto.conf made the next child
+    """Issue 14: a child read and wrote other workers' scratch datadirs (one line in postgresql.auto.conf made the next child
     load a library), the extension and other children's memory. Each attempt, from inside a sandboxed child."""
     engine.ping()
-    other_slot, other_pid, root = engine.child_datadir, engine.child_pid, engine.data_root
+    other_datadir, other_pid, root = engine.child_datadir, engine.child_pid, engine.data_root
     template = next(root.glob("template-*"))
     refused = [
-        f"read:{other_slot}/PG_VERSION",
-        f"write:{other_slot}/postgresql.auto.conf",
-        f"list:{other_slot}",
+        f"read:{other_datadir}/PG_VERSION",
+        f"write:{other_datadir}/postgresql.auto.conf",
+        f"list:{other_datadir}",
         f"write:{engine.extension}",
         f"write:{template}/postgresql.auto.conf",
         f"list:{root}",
@@ -156,8 +156,8 @@ def test_a_child_cannot_leave_its_datadir(engine):
         assert result.outcomes[action] == "denied (Permission denied)", action
     for action in allowed:
         assert result.outcomes[action] == "allowed", action
-    assert (other_slot / "PG_VERSION").read_text().strip() == "15"
-    assert "probe" not in (other_slot / "postgresql.auto.conf").read_text()
+    assert (other_datadir / "PG_VERSION").read_text().strip() == "15"
+    assert "probe" not in (other_datadir / "postgresql.auto.conf").read_text()
     engine.ping()  # the other child is untouched
 
 
@@ -314,12 +314,12 @@ def test_one_uid_for_daemon_and_children_is_contained():
             os.setgid(unit_user.pw_gid)
             os.setuid(unit_user.pw_uid)
             with RedoEngine(data_dir=data_dir) as engine:
-                slot, template = engine.child_datadir, next(engine.data_root.glob("template-*"))
+                datadir, template = engine.child_datadir, next(engine.data_root.glob("template-*"))
                 me = os.getpid()
                 # Without the sandbox, this uid may write all of these (the control: we can).
-                with open(slot / "postgresql.auto.conf", "a"), open(engine.extension, "ab"):
+                with open(datadir / "postgresql.auto.conf", "a"), open(engine.extension, "ab"):
                     pass
-                actions = [f"write:{slot}/postgresql.auto.conf", f"read:{slot}/PG_VERSION",
+                actions = [f"write:{datadir}/postgresql.auto.conf", f"read:{datadir}/PG_VERSION",
                            f"write:{template}/postgresql.auto.conf", f"write:{engine.extension}",
                            f"read:/proc/{me}/mem", f"read:/proc/{me}/environ", f"read:/proc/{engine.child_pid}/mem",
                            f"signal:{me}"]

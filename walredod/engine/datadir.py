@@ -1,14 +1,15 @@
 """The files a redo child needs: PostgreSQL binaries, our extension, and a scratch datadir.
 
 initdb takes about a second, so one template cluster is initdb'd once per data directory (under a lock, so parallel
-engines and workers share it) and each child gets a fresh copy (a slot), removed when the child is gone. A child reads
-tenants' WAL and may be taken over, so nothing it can write outlives it: not its slot (the next child would start,
-not yet sandboxed, from whatever it left there), not the template or the extension.
+engines and workers share it) and each child gets a fresh copy of its own (a child datadir, under ``children/``),
+removed when the child is gone. A child reads tenants' WAL and may be taken over, so nothing it can write outlives
+it: not its datadir (the next child would start, not yet sandboxed, from whatever it left there), not the template
+or the extension.
 
 Who owns what: when the daemon is root the children run as a user of their own (``walredod-redo``); the data
-directory, ``slots/``, the template and the extension belong to the daemon, and a child owns only its slot (0700).
-When the daemon is not root (the systemd unit runs everything as ``walredod``) ownership cannot separate them; the
-child's sandbox (Landlock) confines it to its slot instead.
+directory, ``children/``, the template and the extension belong to the daemon, and a child owns only its datadir
+(0700). When the daemon is not root (the systemd unit runs everything as ``walredod``) ownership cannot separate
+them; the child's sandbox (Landlock) confines it to its datadir instead.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_AS = "walredod-redo"
 EXTENSION_NAME = "walredod_redo.so"
+CHILD_DATADIRS = "children"  # under the data directory: one datadir per redo child
 # Databases the child never connects to; dropping their files makes each copy a third of the size.
 _UNUSED_DATABASE_DIRS = ("base/1", "base/4")
-_slot_counter = itertools.count()
+_child_datadir_counter = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -103,16 +105,16 @@ def find_extension(settings: EngineSettings) -> Path:
 
 
 class DataDirectory:
-    """The engine's data directory: the template cluster, a private copy of the extension, child slots."""
+    """The engine's data directory: the template cluster, a private copy of the extension, child datadirs."""
 
     def __init__(self, settings: EngineSettings, run_as: RunAs):
         self.root = Path(settings.data_dir)
         self.run_as = run_as
         self.postgres_bin = find_postgres_bin(settings)
-        # With a child user, children traverse these two to reach their slot; they may neither list nor change them.
+        # With a child user, children traverse these two to reach their datadir; they may neither list nor change them.
         self._dir_mode = 0o711 if run_as.user is not None else 0o700
         self._make_dir(self.root, self._dir_mode)
-        self._make_dir(self.root / "slots", self._dir_mode)
+        self._make_dir(self.root / CHILD_DATADIRS, self._dir_mode)
 
     def _make_dir(self, path: Path, mode: int) -> None:
         path.mkdir(mode=mode, parents=True, exist_ok=True)
@@ -193,35 +195,36 @@ class DataDirectory:
             _chown_tree(building, os.geteuid(), os.getegid())
         os.rename(building, template)
 
-    def new_slot(self) -> Path:
-        """A fresh child datadir copied from the template, owned by the child user; ``remove_slot`` ends it."""
+    def new_child_datadir(self) -> Path:
+        """A fresh child datadir copied from the template, owned by the child user; ``remove_child_datadir`` ends
+        it."""
         template = self.template()
-        self.remove_abandoned_slots()
-        slot = self.root / "slots" / f"{os.getpid()}-{next(_slot_counter)}"
-        shutil.rmtree(slot, ignore_errors=True)
+        self.remove_abandoned_child_datadirs()
+        datadir = self.root / CHILD_DATADIRS / f"{os.getpid()}-{next(_child_datadir_counter)}"
+        shutil.rmtree(datadir, ignore_errors=True)
         # cp is faster than a Python tree copy; the copy is ours until it is handed over whole.
-        done = subprocess.run(["cp", "-a", str(template), str(slot)], capture_output=True, text=True)
+        done = subprocess.run(["cp", "-a", str(template), str(datadir)], capture_output=True, text=True)
         if done.returncode != 0:
-            shutil.rmtree(slot, ignore_errors=True)
+            shutil.rmtree(datadir, ignore_errors=True)
             raise Unavailable(f"copying the template cluster failed: {done.stderr.strip()}")
         try:
-            self.run_as.chown_tree(slot)
+            self.run_as.chown_tree(datadir)
         except Unavailable:
-            shutil.rmtree(slot, ignore_errors=True)
+            shutil.rmtree(datadir, ignore_errors=True)
             raise
-        return slot
+        return datadir
 
     @staticmethod
-    def remove_slot(slot: Path) -> None:
-        shutil.rmtree(slot, ignore_errors=True)
+    def remove_child_datadir(datadir: Path) -> None:
+        shutil.rmtree(datadir, ignore_errors=True)
 
-    def remove_abandoned_slots(self) -> None:
-        """Slots of processes that are gone (killed without closing their engine)."""
-        for slot in (self.root / "slots").iterdir():
-            pid = slot.name.split("-", 1)[0]
+    def remove_abandoned_child_datadirs(self) -> None:
+        """Child datadirs of processes that are gone (killed without closing their engine)."""
+        for datadir in (self.root / CHILD_DATADIRS).iterdir():
+            pid = datadir.name.split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
-                log.info("removing the abandoned child datadir %s", slot)
-                shutil.rmtree(slot, ignore_errors=True)
+                log.info("removing the abandoned child datadir %s", datadir)
+                shutil.rmtree(datadir, ignore_errors=True)
 
 
 def _chown_tree(path: Path, uid: int, gid: int) -> None:

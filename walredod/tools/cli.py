@@ -11,6 +11,9 @@ from pathlib import Path
 from walredod.config import ConfigError, EngineSettings
 from walredod.errors import WalredodError
 
+DATA_DIR_HELP = ("the engine's data directory: template cluster and redo children's datadirs (engine.data_dir; "
+                 "default: /var/lib/walredod as root, else ~/.local/state/walredod)")
+
 
 def doctor(args: argparse.Namespace) -> int:
     """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers, and
@@ -85,8 +88,8 @@ def _doctor_sandbox(settings: EngineSettings, engine) -> bool:
         return True
     # The probe child tries what a taken-over child would: the live child's datadir and memory, the extension
     # every child loads, the data directory, a socket of its own (the daemon's sockets).
-    slot = engine.child_datadir
-    actions = [f"read:{slot}/PG_VERSION", f"write:{slot}/postgresql.auto.conf", f"write:{engine.extension}",
+    datadir = engine.child_datadir
+    actions = [f"read:{datadir}/PG_VERSION", f"write:{datadir}/postgresql.auto.conf", f"write:{engine.extension}",
                f"read:/proc/{engine.child_pid}/mem", f"list:{engine.data_root}", "socket"]
     probe = probe_sandbox(settings, actions)
     for action in actions:
@@ -140,8 +143,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["daemon.endpoints"] = args.endpoint
     if getattr(args, "workers", None) is not None:
         overrides["daemon.workers"] = args.workers
-    if getattr(args, "datadir", None):
-        overrides["engine.data_dir"] = args.datadir
+    if getattr(args, "data_dir", None):
+        overrides["engine.data_dir"] = args.data_dir
     return overrides
 
 
@@ -197,7 +200,7 @@ def bench(args: argparse.Namespace) -> int:
         path = " via supervisor" if args.target == "daemon" and args.via_supervisor else ""
         label = f"{args.target}{path} {args.mix} {args.mode} x{clients}"
         results.append(benchmark.run(label, args.target, requests, endpoint=args.endpoint and args.endpoint[0],
-                                     engine_options={"data_dir": args.datadir} if args.datadir else {},
+                                     engine_options={"data_dir": args.data_dir} if args.data_dir else {},
                                      client_options={"direct": not args.via_supervisor}, mode=args.mode,
                                      clients=clients, duration=args.seconds))
     benchmark.print_table(results)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("doctor", help="check the set-up: start a redo engine, ping it, show and probe its "
                             "sandbox; or, with --wal, say which format a WAL directory holds")
-    p.add_argument("--data-dir", help="data directory (default: /var/lib/walredod as root, else ~/.local/state)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--pings", type=int, default=1000)
     p.add_argument("--sandbox", choices=["required", "best_effort", "off"],
                    help="the engine.sandbox setting to check with (default: required)")
@@ -233,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("serve", help="run the daemon: a supervisor and N workers")
     daemon_options(p)
     p.add_argument("--workers", type=int, help="worker processes (0: one per CPU)")
-    p.add_argument("--datadir", type=Path, help="data directory for the workers' scratch clusters")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.set_defaults(func=serve)
 
     p = commands.add_parser("check-config", help="validate the configuration without starting")
     daemon_options(p)
     p.add_argument("--workers", type=int)
-    p.add_argument("--datadir", type=Path)
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.set_defaults(func=check_config)
 
     p = commands.add_parser("status", help="print each worker's state, pid, child pid, requests served, restarts")
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1], help="concurrent client processes (one run each)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sample", type=Path, help="request sample (default: walredod/tools/data/requests.bin.gz)")
-    p.add_argument("--datadir", type=Path, help="data directory for engines (with --target engine)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP + " (with --target engine)")
     p.add_argument("--json", type=Path, default=Path("bench/results/walredod_bench.json"))
     p.add_argument("--plot", type=Path, default=Path("bench/results/walredod_bench.png"))
     p.set_defaults(func=bench)

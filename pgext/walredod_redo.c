@@ -68,6 +68,7 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "sandbox.h"
 #include "wal_format.h"
 #include "walredod_redo.h"
 
@@ -440,6 +441,7 @@ start_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 	target.client_rnode = rnode;
 	target.client_fork = fork;
 	target.blkno = blkno;
+	walredod_sandbox_probe(rnode.relNode);
 	/* Init forks would be flushed at once by redo; keep them in main. */
 	target.fork = fork == INIT_FORKNUM ? MAIN_FORKNUM : fork;
 	target.active = true;
@@ -1599,6 +1601,12 @@ take_over(void)
 	local_server_start();
 	enter_recovery();
 
+	/*
+	 * Hostile input may follow: nothing outside the datadir from here on.
+	 * The local data path's listening socket is the one that may accept.
+	 */
+	walredod_sandbox_enter(local_server_listen_fd());
+
 	PG_TRY();
 	{
 		prepare_scratch_relations();
@@ -1656,6 +1664,7 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 	local_server_define_gucs();
+	walredod_sandbox_define_gucs();
 	MarkGUCPrefixReserved("walredod");
 
 	if (!walredod_serve)

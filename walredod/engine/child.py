@@ -16,15 +16,16 @@ from pathlib import Path
 
 from walredod.engine.board import Board
 from walredod.engine.pipe import PING, WARMUP
-from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
+from walredod.errors import RedoFailed, RedoTimeout, Unavailable, WalredodError, error_for_sqlstate
 from walredod.types import BLCKSZ
 
 log = logging.getLogger("walredod.child")
 
-# SQLSTATEs our extension uses for requests that are wrong in themselves (see pgext/walredod_redo.c); WR001: a
-# record in another WAL format than the engine serves (pgext/wal_format.h).
-_INVALID_REQUEST_SQLSTATES = {"08P01", "XX001", "0A000", "22023", "WR001"}
 _SQLSTATE_LINE = re.compile(r"\b(ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):\s+(.*)")
+# The line a child writes once its sandbox is in force (pgext/sandbox.c), and the probes' outcomes.
+_SANDBOX_LINE = re.compile(r"walredod: sandbox in force: (.*)")
+_PROBE_LINE = re.compile(r"walredod: sandbox probe (\S+): (allowed|denied.*|trying|unknown probe)$")
+_PROBES_DONE_LINE = "walredod: sandbox probes done"
 
 
 class ChildDied(Exception):
@@ -67,6 +68,10 @@ class RedoChild:
         self.started_at = time.monotonic()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
         self._stderr_done = threading.Event()
+        self._sandbox_said = threading.Event()
+        self._sandbox: str | None = None
+        self.probes: dict[str, str] = {}  # sandbox probe -> its last outcome
+        self._probes_done = threading.Event()
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -90,10 +95,28 @@ class RedoChild:
             for raw in self.process.stderr:
                 line = raw.decode("utf-8", "replace").rstrip()
                 if line:
+                    if match := _SANDBOX_LINE.search(line):
+                        self._sandbox = match.group(1)
+                        self._sandbox_said.set()
+                    elif match := _PROBE_LINE.search(line):
+                        self.probes[match.group(1)] = match.group(2)
+                    elif _PROBES_DONE_LINE in line:
+                        self._probes_done.set()
                     self._stderr_tail.append(line)
                     log.log(_log_level(line), "%s[%d]: %s", self.name, self.pid, line)
         finally:
             self._stderr_done.set()
+            self._sandbox_said.set()
+            self._probes_done.set()
+
+    def wait_probes(self, timeout: float) -> None:
+        """Until the child has run its sandbox probes or ended."""
+        self._probes_done.wait(timeout)
+
+    def sandbox_report(self, timeout: float = 5.0) -> str | None:
+        """What the child said is in force ("seccomp=... landlock=abi7 ..."), None if it ended without saying."""
+        self._sandbox_said.wait(timeout)
+        return self._sandbox
 
     # --- requests -----------------------------------------------------------------------------------------------
 
@@ -108,8 +131,9 @@ class RedoChild:
             self.read_page(timeout)
             self._replies_pending -= 1
 
-    def request(self, message: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
+    def request(self, message: bytes, deadline: float, timeout: float) -> bytes:
+        """Send one request and read its page, both by ``deadline`` (time.monotonic()); past it the child is
+        killed (RedoTimeout). ``timeout`` is the request's, for the error message."""
         self._write(message, deadline)
         return self.read_page(timeout, deadline)
 
@@ -168,9 +192,6 @@ class RedoChild:
 
     # --- life and death -----------------------------------------------------------------------------------------
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def kill(self) -> None:
         if self.process.poll() is None:
             try:
@@ -204,11 +225,15 @@ class RedoChild:
             self.kill()
             status = self.process.wait()
         self._stderr_done.wait(2.0)
+        if status == -signal.SIGSYS:
+            # seccomp killed it: whatever it was doing, it was not redo (the allow-list covers redo).
+            return RedoFailed(f"redo child {self.pid} was killed by its sandbox: it made a forbidden system call "
+                              "(SIGSYS); the request's WAL is suspect")
         for line in reversed(self._stderr_tail):
             match = _SQLSTATE_LINE.search(line)
             if match:
                 level, sqlstate, message = match.groups()
-                cls = InvalidRequest if sqlstate in _INVALID_REQUEST_SQLSTATES else RedoFailed
+                cls = error_for_sqlstate(sqlstate)
                 return cls(f"{message} ({level} {sqlstate})")
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         last = self._stderr_tail[-1] if self._stderr_tail else "no message"

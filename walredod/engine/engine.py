@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,14 +21,12 @@ from walredod.engine.child import ChildDied, ChildGone, ChildRefused, RedoChild
 from walredod.engine.datadir import DataDirectory, RunAs, find_extension
 from walredod.engine.pipe import PING, encode_request
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
-from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
+from walredod.objects import check_base_image, check_tag
+from walredod.types import ZERO_PAGE, BufferTag, WalRecord
+from walredod.wal import RECORD_HEADER, record_total_length
 
 log = logging.getLogger(__name__)
 
-_U32_MAX = 0xFFFFFFFF
-_MAX_BLOCK_NUMBER = 0xFFFFFFFE  # PostgreSQL's MaxBlockNumber: blocks are numbered below it
-_XLOG_RECORD_HEADER_LEN = 24
-_read_tot_len = struct.Struct("<I").unpack_from
 
 # Settings for the scratch cluster's single-user backend: small shared memory, nothing in the background, errors
 # with their SQLSTATE so the engine can tell a bad request from a redo failure.
@@ -40,6 +37,8 @@ _CHILD_GUCS = (
     "autovacuum=off",
     "jit=off",
     "huge_pages=off",
+    # Dynamic shared memory as files in the datadir, not in /dev/shm: the sandboxed child removes them at exit.
+    "dynamic_shared_memory_type=mmap",
     "max_connections=2",
     "superuser_reserved_connections=0",
     "max_worker_processes=0",
@@ -74,7 +73,11 @@ class RedoEngine:
     """
 
     def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo",
-                 local_listener: int | None = None, local_max_request_bytes: int = 64 << 20, **overrides):
+                 local_listener: int | None = None, local_max_request_bytes: int = 64 << 20,
+                 child_gucs: Sequence[str] = (), **overrides):
+        """``child_gucs``: more ``name=value`` settings for the children (the sandbox probes of tests and
+        `walredod doctor`). ``local_listener``: the listening socket of the local data path, inherited by every
+        child (docs/local-data-path.md)."""
         if settings is None:
             settings = EngineSettings(**overrides)
         elif overrides:
@@ -82,12 +85,12 @@ class RedoEngine:
         self.settings = settings
         self.name = name
         self.stats = EngineStats()
+        self._child_gucs = tuple(child_gucs)
         self._run_as = RunAs.for_settings(settings)
         self._data = None
         self._extension: Path | None = None
-        self._free_slots: list[Path] = []
-        self._all_slots: list[Path] = []
-        self._slot_of: dict[int, Path] = {}
+        self._all_datadirs: list[Path] = []
+        self._datadir_of: dict[int, Path] = {}  # child pid -> its datadir
         self._active: RedoChild | None = None
         self._spare: RedoChild | None = None
         self._spare_wanted = False
@@ -124,15 +127,22 @@ class RedoEngine:
         base_image: bytes | None,
         records: Sequence[WalRecord],
         timeout: float | None = None,
+        *,
+        deadline: float | None = None,
     ) -> bytes:
         """The page ``tag`` as of ``lsn``: ``base_image`` (None: the page did not exist) with ``records`` applied.
 
         ``records`` are the page's records in WAL order, each ``WalRecord(lsn=<end LSN>, data=<raw XLogRecord>)``.
-        Raises InvalidRequest, RedoFailed, RedoTimeout or Unavailable (walredod.errors).
+        The whole call, checks and encoding included, ends by ``deadline`` (time.monotonic()), or ``timeout``
+        seconds from now (default: the settings' request_timeout). Raises InvalidRequest, RedoFailed, RedoTimeout
+        or Unavailable (walredod.errors).
         """
+        started = time.monotonic()
+        if deadline is None:
+            deadline = started + (timeout if timeout is not None else self.settings.request_timeout)
         check_request(tag, lsn, base_image, records)
         message = encode_request(tag, base_image, records)
-        page = self._call(message, timeout)
+        page = self._call(message, deadline - started, deadline=deadline)
         self.stats.requests += 1
         self.stats.records += len(records)
         return page
@@ -150,6 +160,31 @@ class RedoEngine:
     def spare_pid(self) -> int | None:
         return self._spare.pid if self._spare else None
 
+    @property
+    def child_datadir(self) -> Path | None:
+        """The active child's scratch datadir (vanilla)."""
+        return self._datadir_of.get(self._active.pid) if self._active else None
+
+    @property
+    def data_root(self) -> Path | None:
+        return self._data.root if self._data else None
+
+    @property
+    def extension(self) -> Path | None:
+        """The copy of our extension the children load."""
+        return self._extension
+
+    def child_sandbox(self, timeout: float = 5.0) -> str | None:
+        """What the active child said about its sandbox ("seccomp=... landlock=..."); None if it said nothing."""
+        if self._active is None:
+            self._take_over()
+        return self._active.sandbox_report(timeout)
+
+    def children_sandbox(self, timeout: float = 30.0) -> dict[int, str | None]:
+        """Child pid -> what it said about its sandbox, for the active child and the spare (waits for a spare that
+        is still starting)."""
+        return {child.pid: child.sandbox_report(timeout) for child in (self._active, self._spare) if child}
+
     def close(self) -> None:
         """Stop the children (EOF on their stdin) and remove their datadirs."""
         self._closed = True
@@ -160,10 +195,9 @@ class RedoEngine:
                     child.board.close()
         self._active = self._spare = None
         self._bury_dead()
-        for slot in self._all_slots:
-            shutil.rmtree(slot, ignore_errors=True)
-        self._all_slots.clear()
-        self._free_slots.clear()
+        for datadir in self._all_datadirs:
+            shutil.rmtree(datadir, ignore_errors=True)
+        self._all_datadirs.clear()
 
     def __enter__(self) -> RedoEngine:
         return self
@@ -177,16 +211,23 @@ class RedoEngine:
 
     # --- children -----------------------------------------------------------------------------------------------
 
-    def _call(self, message: bytes, timeout: float | None) -> bytes:
+    def _call(self, message: bytes, timeout: float | None = None, *, deadline: float | None = None) -> bytes:
+        """The child's answer to ``message``, by ``deadline`` or within ``timeout`` seconds (the settings'
+        request_timeout by default); ``timeout`` also names the time allowed in a RedoTimeout's message."""
         if self._closed:
             raise Unavailable("the redo engine is closed")
-        timeout = timeout if timeout is not None else self.settings.request_timeout
+        if timeout is None:
+            timeout = self.settings.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         if self._spare_wanted or self._dead:
             self.start_spare()
         for _attempt in range(2):
+            if time.monotonic() >= deadline:  # the child has not seen the request: it stays
+                raise RedoTimeout("the request's deadline passed before its records reached the redo child")
             child = self._active or self._take_over()
             try:
-                return child.request(message, timeout)
+                return child.request(message, deadline, timeout)
             except ChildRefused as refusal:  # checked before redo: the child serves on
                 self.stats.errors += 1
                 raise refusal.error from None
@@ -204,7 +245,7 @@ class RedoEngine:
         raise last.death_error()
 
     def _child_died(self, child: RedoChild, cause: str) -> None:
-        """Forget a dead (or hung) child. It is reaped and its slot reused later, off the request's path."""
+        """Forget a dead (or hung) child. It is reaped and its datadir removed later, off the request's path."""
         log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
         self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
         if cause != "died idle":  # an idle child that hung up is already dead; reaping it can wait
@@ -218,7 +259,7 @@ class RedoEngine:
     def _bury_dead(self) -> None:
         for child in self._dead:
             child.close()
-            self._release_slot(child)
+            self._release_datadir(child)
             if child.board is not None:
                 words = child.board.words()
                 if words is not None:
@@ -285,7 +326,7 @@ class RedoEngine:
         for _attempt in range(2):
             child, self._spare = self._spare, None
             if child is None:
-                self._bury_dead()  # frees the dead child's datadir for the new one
+                self._bury_dead()  # removes the dead child's datadir before a new one is made
                 child = self._start_child()
             try:
                 child.wait_ready(self.settings.start_timeout)
@@ -304,15 +345,18 @@ class RedoEngine:
             argv = [str(self.settings.neon_postgres_bin), "--wal-redo"]
             env = {"LD_LIBRARY_PATH": self.settings.neon_ld_library_path}
             cwd = self.settings.data_dir if self.settings.data_dir.is_dir() else None
-            slot = None
+            datadir = None
         else:
-            slot = self._free_slots.pop() if self._free_slots else self._new_slot()
-            argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
+            # A fresh datadir for every child: one taken over leaves nothing for the next (datadir.py).
+            datadir = self._new_child_datadir()
+            argv = [str(self._data.postgres_bin), "--single", "-D", str(datadir),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
                     "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
-                    "-c", f"walredod.wal_format={self.settings.wal_format}"]
-            for guc in _CHILD_GUCS:
+                    "-c", f"walredod.wal_format={self.settings.wal_format}",
+                    "-c", f"walredod.sandbox={self.settings.sandbox}",
+                    "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}"]
+            for guc in (*_CHILD_GUCS, *self._child_gucs):
                 argv += ["-c", guc]
             if self._local_listener is not None:
                 board = Board()
@@ -323,20 +367,20 @@ class RedoEngine:
                          "-c", f"walredod.local_max_request_bytes={self._local_max_request_bytes}"]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-            cwd = slot
+            cwd = datadir
         try:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name,
                               board=board, pass_fds=pass_fds, error_replies=self.settings.kind == "vanilla")
         except Unavailable:
-            if slot is not None:
-                self._free_slots.append(slot)
+            if datadir is not None:
+                self._remove_datadir(datadir)
             if board is not None:
                 board.close()
             raise
         if board is not None:
             board.handed_over()
-        if slot is not None:
-            self._slot_of[child.pid] = slot
+        if datadir is not None:
+            self._datadir_of[child.pid] = datadir
         self.stats.children_started += 1
         try:
             child.send_warmup()
@@ -344,35 +388,33 @@ class RedoEngine:
             pass  # wait_ready reports it
         return child
 
-    def _new_slot(self) -> Path:
-        slot = self._data.new_slot()
-        self._all_slots.append(slot)
-        return slot
+    def _new_child_datadir(self) -> Path:
+        datadir = self._data.new_child_datadir()
+        self._all_datadirs.append(datadir)
+        return datadir
 
-    def _release_slot(self, child: RedoChild) -> None:
-        slot = self._slot_of.pop(child.pid, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+    def _release_datadir(self, child: RedoChild) -> None:
+        datadir = self._datadir_of.pop(child.pid, None)
+        if datadir is not None:
+            self._remove_datadir(datadir)
+
+    def _remove_datadir(self, datadir: Path) -> None:
+        self._data.remove_child_datadir(datadir)
+        if datadir in self._all_datadirs:
+            self._all_datadirs.remove(datadir)
 
 
 def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:
     """Refuse what would make the child fail for reasons we can see without decoding a record."""
     if not isinstance(tag, BufferTag):
         raise InvalidRequest(f"tag must be a BufferTag, not {type(tag).__name__}")
-    spcnode, dbnode, relnode, forknum, blkno = tag
-    if not (0 <= spcnode <= _U32_MAX and 0 <= dbnode <= _U32_MAX and 0 <= relnode <= _U32_MAX):
-        raise InvalidRequest(f"tag {tag}: relation OIDs must be unsigned 32-bit numbers")
-    if not 0 <= forknum <= 3:
-        raise InvalidRequest(f"tag {tag}: fork number must be 0 to 3")
-    if not 0 <= blkno < _MAX_BLOCK_NUMBER:
-        raise InvalidRequest(f"tag {tag}: block number must be below {_MAX_BLOCK_NUMBER:#x} (PostgreSQL's limit)")
-    if base_image is not None and len(base_image) != BLCKSZ:
-        raise InvalidRequest(f"base image is {len(base_image)} bytes, a page is {BLCKSZ}")
+    check_tag(tag)
+    check_base_image(tag, base_image)
     previous = 0
     for i, (rec_lsn, data) in enumerate(records):
-        if len(data) < _XLOG_RECORD_HEADER_LEN:
+        if len(data) < RECORD_HEADER:
             raise InvalidRequest(f"record {i} is {len(data)} bytes, shorter than a record header")
-        tot_len = _read_tot_len(data)[0]
+        tot_len = record_total_length(data)
         if tot_len != len(data):
             raise InvalidRequest(f"record {i}: xl_tot_len says {tot_len} bytes but {len(data)} were given")
         if rec_lsn < previous:

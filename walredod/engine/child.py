@@ -16,7 +16,7 @@ from pathlib import Path
 
 from walredod.engine.board import Board
 from walredod.engine.pipe import PING, WARMUP
-from walredod.errors import RedoFailed, RedoTimeout, Unavailable, WalredodError, error_for_sqlstate
+from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError, error_for_sqlstate
 from walredod.types import BLCKSZ
 
 log = logging.getLogger("walredod.child")

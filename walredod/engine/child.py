@@ -192,6 +192,10 @@ class RedoChild:
 
     # --- life and death -----------------------------------------------------------------------------------------
 
+    def alive(self) -> bool:
+        """Not exited (reaps it when it has: the engine's look at children serving the local data path)."""
+        return self.process.poll() is None
+
     def kill(self) -> None:
         if self.process.poll() is None:
             try:

@@ -386,3 +386,19 @@ def test_abandon_forgets_everything():
     core.abandon()
     assert not core.busy and core.in_flight == 0 and all(w.load == 0 for w in core.directory.workers())
     assert core.on_reply(reply_to(sends[0])) == ()
+    core.forget_directory()
+    core.submit(Call([request(1)], timeout=5.0))
+    assert core.directory_due(T0) and core.take_sends(T0) == []  # held for a new directory
+    core.abandon()  # say its request failed with the socket under it: the answer is not waited for
+    core.submit(Call([request(1)], timeout=5.0))
+    assert core.directory_due(T0)
+
+
+def test_waiting_calls_are_those_with_requests_unanswered():
+    core = ClientCore("ipc:///tmp/sup.sock", direct=False, window=2, first_id=1)
+    answered, sent, queued = (Call([request(i)], timeout=5.0) for i in range(3))
+    for call in (answered, sent, queued):
+        core.submit(call)
+    first, _second = core.take_sends(T0)
+    core.on_reply(reply_to(first))
+    assert core.waiting_calls() == {sent, queued}

@@ -13,7 +13,7 @@ import zmq
 
 from walredod import protocol
 from walredod.client import AsyncRedoClient, RedoClient
-from walredod.errors import RedoTimeout
+from walredod.errors import RedoTimeout, Unavailable
 from walredod.types import BufferTag, WalRecord
 
 
@@ -152,3 +152,18 @@ def test_no_reply_at_all_gives_redo_timeout(stand_in, client_kind):
 
     results = load()
     assert len(results) == 3 and all(isinstance(r, RedoTimeout) for r in results)
+
+
+def test_closing_the_async_client_answers_its_waiting_callers(stand_in):
+    stand_in.worker_answers = False
+
+    async def run():
+        client = AsyncRedoClient(stand_in.supervisor_endpoint, timeout=30)
+        waiting = asyncio.ensure_future(client.redo_many(requests(3)))
+        while protocol.KIND_BATCH not in stand_in.kinds["worker"]:
+            await asyncio.sleep(0.01)
+        await client.close()
+        with pytest.raises(Unavailable, match="closed"):
+            await waiting
+
+    asyncio.run(asyncio.wait_for(run(), 30))

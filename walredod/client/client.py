@@ -121,7 +121,7 @@ class RedoClient:
             body = self._control(protocol.KIND_DIRECTORY, _directory_timeout(core, timeout))[1]
         except InvalidRequest:  # a daemon from before the direct path
             core.directory_failed(time.monotonic(), unsupported=True)
-        except WalredodError:
+        except (WalredodError, zmq.ZMQError):
             core.directory_failed(time.monotonic())
         else:
             core.directory_arrived(body, time.monotonic())
@@ -250,7 +250,7 @@ class AsyncRedoClient:
             body = await self._control(protocol.KIND_DIRECTORY, _directory_timeout(core, self.timeout))
         except InvalidRequest:  # a daemon from before the direct path
             core.directory_failed(time.monotonic(), unsupported=True)
-        except WalredodError:
+        except (WalredodError, zmq.ZMQError):
             core.directory_failed(time.monotonic())
         else:
             core.directory_arrived(body, time.monotonic())
@@ -276,6 +276,10 @@ class AsyncRedoClient:
         for task in (self._clock, self._directory_task):
             if task is not None:
                 task.cancel()
+        for call in self._core.waiting_calls():  # nobody is left to answer them
+            if call.waiter is not None and not call.waiter.done():
+                call.waiter.set_exception(Unavailable("the client was closed"))
+        self._core.abandon()
         self._links.close()
         self._control_socket.close(linger=0)
 

@@ -241,6 +241,7 @@ class ClientCore:
         self._outbox.clear()
         self.in_flight = 0
         self._expiry_due = self._check_due = math.inf
+        self._directory_asked = False  # an answer still owed is not waited for
 
     def forget_directory(self) -> None:
         """Ask for the directory again before the next request is routed."""
@@ -248,6 +249,13 @@ class ClientCore:
             self.directory.forget()
 
     # --- actions ------------------------------------------------------------------------------------------------
+
+    def waiting_calls(self) -> set[Call]:
+        """The calls with requests not answered yet."""
+        calls = set(self._queue)
+        for flight in self._flights.values():
+            calls.update(call for call, _index in flight.members.values())
+        return calls
 
     @property
     def busy(self) -> bool:

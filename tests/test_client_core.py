@@ -270,7 +270,7 @@ def test_a_departed_workers_requests_are_re_sent_through_the_supervisor(change):
 
 def test_a_worker_still_listed_keeps_its_requests_and_checks_are_spaced():
     core, workers, _ = direct_core(workers=((0, 100, True), (1, 101, True)))
-    call, sends = spread(core, workers)
+    spread(core, workers)
     now = T0 + DIRECT_CHECK_INTERVAL
     assert core.directory_due(now)
     core.directory_arrived(directory_body(workers), now)
@@ -316,7 +316,7 @@ def test_supervisor_fallback_when_the_directory_does_not_answer():
 
 def test_a_check_the_supervisor_does_not_answer_sends_direct_requests_its_way():
     core, workers, _ = direct_core(workers=((0, 100, True), (1, 101, True)))
-    call, sends = spread(core, workers)
+    _call, sends = spread(core, workers)
     now = T0 + DIRECT_CHECK_INTERVAL
     assert core.directory_due(now)
     core.directory_failed(now)
@@ -336,7 +336,7 @@ def test_a_daemon_without_a_directory_is_never_asked_again():
 
 def test_a_stale_directory_serves_while_a_new_one_is_asked_for():
     core, workers, _ = direct_core(workers=((0, 100, True),))
-    call, sends = spread(core, workers, count=1)
+    _call, sends = spread(core, workers, count=1)
     core.on_reply(reply_to(sends[0]))
     later = T0 + DIRECTORY_MAX_AGE + 1
     core.submit(Call([request(20000)], timeout=5.0))
@@ -382,7 +382,7 @@ def test_a_re_sent_flight_gets_the_supervisors_time_and_a_direct_one_its_workers
 
 def test_abandon_forgets_everything():
     core, workers, _ = direct_core()
-    call, sends = spread(core, workers)
+    _call, sends = spread(core, workers)
     core.abandon()
     assert not core.busy and core.in_flight == 0 and all(w.load == 0 for w in core.directory.workers())
     assert core.on_reply(reply_to(sends[0])) == ()

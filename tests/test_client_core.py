@@ -83,7 +83,7 @@ def test_worker_directory_routes_like_the_supervisor_and_notices_replaced_worker
     # Same pid: the same worker, whatever else its entry says. New pid (a restart) or not ready (retiring):
     # requests to it are to be re-sent.
     moving = json.loads(directory_body([(0, 100, True), (1, 101, True)]))
-    moving["workers"][0]["served"] = 12345
+    moving["workers"][first.slot]["served"] = 12345
     directory.update(json.dumps(moving).encode(), T0)
     assert directory.still_serving(first) and first.listing["served"] == 12345
     directory.update(directory_body([(0, 100, True), (1, 201, True)]), T0)

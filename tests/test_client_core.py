@@ -407,3 +407,14 @@ def test_waiting_calls_are_those_with_requests_unanswered():
     first, _second = core.take_sends(T0)
     core.on_reply(reply_to(first))
     assert core.waiting_calls() == {sent, queued}
+
+
+def test_a_transport_hands_back_a_message_it_cannot_carry():
+    core, workers, _ = direct_core(workers=((0, 100, True),))
+    [flight] = start(core, [Call([request(1)], timeout=5.0)], workers)
+    core.resend_through_supervisor(flight, T0 + 0.1)
+    assert core.take_sends(T0 + 0.1) == [flight] and flight.worker is None
+    assert core.directory.workers()[0].load == 0
+    core.on_reply(reply_to(flight))
+    core.resend_through_supervisor(flight, T0 + 0.2)  # answered meanwhile: nothing to send
+    assert core.take_sends(T0 + 0.2) == []

@@ -52,6 +52,7 @@ class Pending:
     deadline: float
     accepted: float
     records: int
+    requests: int = 1  # a batch's size: load is counted in requests, as clients count theirs
     attempts: int = 0
     slot: int | None = None
 
@@ -334,7 +335,7 @@ class Supervisor:
             slot.credit += 1
             if pending is not None and self.pending.pop(token, None) is not None:
                 self._send_client([pending.client, b"", *frames[3:]])  # a batch's reply has more frames
-                status = frames[3].buffer[3]
+                status = protocol.reply_status(frames[3].buffer)
                 self.metrics.observe(protocol.STATUS_NAMES.get(status, "ok"), now - pending.accepted,
                                      pending.records)
                 slot.served += 1
@@ -392,7 +393,8 @@ class Supervisor:
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.engine.request_timeout
         token = next(self.tokens)
         self.pending[token] = Pending(client, request_id, frames[2:], protocol.routing_key(request.tag),
-                                      now + timeout, now, len(request.records))
+                                      now + timeout, now, len(request.records),
+                                      len(request.batch) if request.batch else 1)
         self.waiting.append(token)
         self._dispatch_waiting()
 
@@ -425,8 +427,8 @@ class Supervisor:
             if pending is None:
                 self.waiting.popleft()
                 continue
-            index = self.router.choose(pending.key, slots, lambda i: len(self.slots[i].in_flight),
-                                       lambda i: self.slots[i].credit > 0)
+            index = self.router.choose(pending.key, slots, self._load, lambda i: self.slots[i].credit > 0,
+                                       pending.requests)
             if index is None:
                 return
             self.waiting.popleft()
@@ -438,6 +440,9 @@ class Supervisor:
             self._send_worker(slot, backend.encode_request(token, pending.deadline, pending.frames))
             self.metrics.set_in_flight(index, len(slot.in_flight))
         self.metrics.queue_depth.set(len(self.waiting))
+
+    def _load(self, index: int) -> int:
+        return sum(pending.requests for pending in self.slots[index].in_flight.values())
 
     def _send_client(self, frames: list) -> None:
         try:

@@ -6,6 +6,7 @@ under its clients, and the metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,7 +24,8 @@ from test_daemon import Daemon
 
 from conftest import world_traversable_tmpdir
 from walredod import protocol
-from walredod.client import local
+from walredod.client import AsyncRedoClient, RedoClient, local
+from walredod.errors import InvalidRequest, RedoTimeout
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
 STATUS_INVALID = protocol.STATUS_CODES["invalid_request"]
@@ -329,3 +331,99 @@ def test_metrics_show_the_local_path(daemon, real_requests):
     assert values['walredod_local_requests_total{slot="0",status="invalid_request"}'] >= 1
     assert values['walredod_local_request_seconds_count{slot="0"}'] >= 20
     assert values['walredod_local_connections{slot="0"}'] >= 1
+
+
+# --- the clients ----------------------------------------------------------------------------------------------------
+
+def local_requests_answered(daemon) -> float:
+    """Requests the daemon's children answered on the local data path (every status), from the metrics."""
+    time.sleep(0.6)  # counters travel with heartbeats
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("walredod_local_requests_total{"))
+
+
+def test_clients_take_the_local_path_by_default_and_zeromq_answers_the_same(daemon, real_requests):
+    requests, expected = [r[:4] for r in real_requests], [r[4] for r in real_requests]
+    before = local_requests_answered(daemon)
+    assert daemon.client.redo_many(requests) == expected
+    tag, lsn, base, records, page = real_requests[0]
+    assert daemon.client.redo(tag, lsn, base, records) == page
+    middle = local_requests_answered(daemon)
+    assert middle - before >= len(requests) + 1
+    with RedoClient(daemon.endpoint, local=False) as zeromq:
+        assert zeromq.redo_many(requests) == expected
+    assert local_requests_answered(daemon) == middle
+
+    async def run() -> list:
+        async with AsyncRedoClient(daemon.endpoint) as client:
+            return await client.redo_many(requests[:300])
+
+    assert asyncio.run(run()) == expected[:300]
+    assert local_requests_answered(daemon) - middle >= 300
+
+
+def test_client_bad_request_is_refused_by_the_child_that_stays(daemon, real_requests):
+    before = wait_for_children(daemon)
+    tag, lsn, base, records, expected = next(r for r in real_requests if r[3])
+    damaged = bytearray(records[-1].data)
+    damaged[-1] ^= 1
+    for _ in range(20):
+        with pytest.raises(InvalidRequest, match="CRC"):
+            daemon.client.redo(tag, lsn, base, [*records[:-1], WalRecord(records[-1].lsn, bytes(damaged))])
+        assert daemon.client.redo(tag, lsn, base, records) == expected
+    assert children(daemon) == before
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_client_re_sends_what_a_killed_child_held(daemon, real_requests, kind):
+    """Both children killed while a client pipelines real requests on the local path: every request gets exactly
+    one answer, the right page (what the lost connections held goes through the supervisor)."""
+    victims = wait_for_children(daemon)
+    requests, expected = [r[:4] for r in real_requests] * 3, [r[4] for r in real_requests] * 3
+    results = []
+
+    def kill_soon() -> None:
+        time.sleep(0.05)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    if kind == "sync":
+        results = daemon.client.redo_many(requests, return_exceptions=True)
+    else:
+        async def run() -> list:
+            async with AsyncRedoClient(daemon.endpoint, timeout=30) as client:
+                return await client.redo_many(requests, return_exceptions=True)
+
+        results = asyncio.run(run())
+    killer.join()
+    assert len(results) == len(requests)
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert results == expected
+    assert not wait_for_children(daemon) & victims
+    tag, lsn, base, records, page = real_requests[0]
+    assert daemon.client.redo(tag, lsn, base, records) == page  # a new connection, to the children now serving
+
+
+def test_client_gives_up_on_a_stopped_child_at_its_timeout(daemon, real_requests):
+    """Children stopped outside any request publish no deadline: the client's own timeout answers RedoTimeout, and
+    once they run again the next request is served."""
+    victims = wait_for_children(daemon)
+    tag, lsn, base, records, expected = real_requests[0]
+    with RedoClient(daemon.endpoint) as client:
+        assert client.redo(tag, lsn, base, records) == expected  # connected, to one of them
+        for pid in victims:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RedoTimeout):
+                client.redo(tag, lsn, base, records, timeout=1.0)
+            assert time.monotonic() - started < 10
+        finally:
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        assert client.redo(tag, lsn, base, records) == expected

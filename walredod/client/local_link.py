@@ -150,7 +150,14 @@ class LocalLink:
         connection is closed either way (a late reply is never read)."""
         connection = self.connection
         try:
-            connection.send(data)
+            try:
+                connection.send(data)
+            except local.ConnectionLost:  # the child was gone before it could see any of it: a new connection
+                self._lose()
+                connection = self._connect(time.monotonic())
+                if connection is None:
+                    raise
+                connection.send(data)
             replies = connection.read_replies(deadline)
             if not replies:
                 raise TimeoutError
@@ -166,11 +173,24 @@ class LocalLink:
         if connection is None or not _served_locally(flight):
             self.fallback.send(flight.frames)
             return
-        self._ledger.sent(flight)
+        data = _encode(flight)
         try:
-            connection.send(_encode(flight))
+            connection.send(data)
         except local.ConnectionLost:
+            # The connection had ended (its child died since the last request): what it held follows the re-send
+            # rule, but no child saw any of this flight, so a new connection (to the child now serving) takes it.
             self._lose()
+            connection = self._connect(now)
+            if connection is None:
+                self.fallback.send(flight.frames)
+                return
+            self._ledger.sent(flight)
+            try:
+                connection.send(data)
+            except local.ConnectionLost:
+                self._lose()
+            return
+        self._ledger.sent(flight)
 
     def drain(self, limit: int = 256) -> list:
         events = self._events

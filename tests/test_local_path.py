@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import struct
 import threading
 import time
@@ -19,14 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from records import RM_XACT_ID, XLOG_XACT_COMMIT, BlockRef, fpi_record, make_page, make_record, with_crc
+from records import RM_XACT_ID, XLOG_XACT_COMMIT, fpi_record, make_page, make_record, with_crc
 from test_daemon import Daemon
 
 from conftest import world_traversable_tmpdir
 from walredod import protocol
 from walredod.client import AsyncRedoClient, RedoClient, local
 from walredod.errors import InvalidRequest, RedoTimeout
-from walredod.types import BLCKSZ, BufferTag, WalRecord
+from walredod.types import BufferTag, WalRecord
 
 STATUS_INVALID = protocol.STATUS_CODES["invalid_request"]
 

@@ -39,29 +39,29 @@ def children_of(pid: int) -> set[int]:
 
 
 def bad_requests_interleaved(endpoint: str, requests: list, bad_count: int = 1000) -> dict:
-    """Good requests alone, then the same good requests with a refusable bad one (a flipped CRC bit) before each:
-    good-request p50 both ways, bad requests refused, redo children started meanwhile (none is the target)."""
+    """Good requests, each timed, in pairs: one right after a good request ("alone"), one right after a refusable
+    bad one (a flipped CRC bit; "interleaved"), ``bad_count`` pairs. Alternating keeps both samples under the same
+    conditions (an unpinned client's placement flips during a run). Returns both p50s, the bad requests refused, and
+    the redo children restarted meanwhile (none is the target)."""
     with RedoClient(endpoint) as client:
         workers = client.status()["workers"]
         before = {w["slot"]: (w["child_pid"], w["child_restarts"]) for w in workers}
         clock = time.perf_counter
-        good = [requests[i % len(requests)] for i in range(bad_count)]
-        for request in good[:50]:
+        for request in requests[:50]:
             client.redo(*request)
-        alone = []
-        for request in good:
+        alone, interleaved, refused = [], [], 0
+        for i in range(bad_count):
+            request = requests[(2 * i) % len(requests)]
             t0 = clock()
             client.redo(*request)
             alone.append((clock() - t0) * 1e6)
-        interleaved, refused = [], 0
-        for request in good:
-            tag, lsn, base, records = request
+            tag, lsn, base, records = requests[(2 * i + 1) % len(requests)]
             try:
                 client.redo(tag, lsn, base, corrupt(records) if records else records)
             except InvalidRequest:
                 refused += 1
             t0 = clock()
-            client.redo(*request)
+            client.redo(tag, lsn, base, records)
             interleaved.append((clock() - t0) * 1e6)
         after = {w["slot"]: (w["child_pid"], w["child_restarts"]) for w in client.status()["workers"]}
     restarts = sum(after[slot][1] - before[slot][1] for slot in before if slot in after)

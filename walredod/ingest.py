@@ -21,6 +21,7 @@ from walredod.native.xact import parse_transaction_end, prepared_state
 from walredod.objects import RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
 from walredod.types import BufferTag, ForkNumber, WalRecord
 from walredod.wal import DecodedRecord
+from walredod.walformat import LAYOUTS, WalFormat
 
 RM_SMGR_ID = 2
 XLOG_SMGR_CREATE = 0x10
@@ -110,6 +111,7 @@ _VM_CLEARS = {
     (RM_HEAP2_ID, 0x60): (7, 0x01, 0x02),  # lock of an updated version: all-frozen only
 }
 _UPDATE_OPS = (0x20, 0x40)  # update, HOT update: flags at 7, bit 0 old block, bit 1 new block
+_DELETE_LAYOUT_OPS = (0x10, 0x60)  # delete, lock: their flags move in Neon's format
 
 
 @dataclass
@@ -125,8 +127,11 @@ class ObjectHistory:
         return self.records[-1].lsn
 
 
-def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, int], int, int]]:
-    """(relation, heap block, VM bits) that heap redo of this record clears, with no reference to the map page."""
+def visibility_map_clears(record: DecodedRecord,
+                          wal_format: WalFormat = "vanilla") -> list[tuple[tuple[int, int, int], int, int]]:
+    """(relation, heap block, VM bits) that heap redo of this record clears, with no reference to the map page.
+    Neon's compute (``wal_format`` "neon") keeps the flags of delete and lock records elsewhere (walredod.walformat).
+    """
     op = record.info & 0x70
     if record.rmid == RM_HEAP_ID and op in _UPDATE_OPS:
         flags = record.main_data[7]
@@ -142,16 +147,20 @@ def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, i
     if rule is None or not record.blocks:
         return []
     offset, bit, bits = rule
+    if record.rmid == RM_HEAP_ID and op in _DELETE_LAYOUT_OPS:
+        offset = LAYOUTS[wal_format].delete_flags
     if len(record.main_data) <= offset or not record.main_data[offset] & bit:
         return []
     block = record.blocks[0].tag
     return [(block.relation, block.blkno, bits)]
 
 
-def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> dict[object, ObjectHistory]:
+def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0,
+                     wal_format: WalFormat = "vanilla") -> dict[object, ObjectHistory]:
     """Histories of every SLRU page, relation map, prepared transaction and visibility-map page that records
     starting at or after ``since_lsn`` change: raw records where PostgreSQL's record names the object, synthesized
-    ones (walredod.native.synthesized) for visibility-map bits heap records clear as a side effect."""
+    ones (walredod.native.synthesized) for visibility-map bits heap records clear as a side effect (read in the
+    heap record layout of ``wal_format``)."""
     histories: dict[object, ObjectHistory] = {}
 
     def add(tag, record: WalRecord) -> ObjectHistory:
@@ -213,7 +222,7 @@ def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> di
             if block.tag.forknum == ForkNumber.VISIBILITYMAP:
                 add(block.tag, raw)
         by_page: dict[BufferTag, tuple[list[int], int]] = {}
-        for relation, heap_block, bits in visibility_map_clears(record):
+        for relation, heap_block, bits in visibility_map_clears(record, wal_format):
             tag = BufferTag(*relation, ForkNumber.VISIBILITYMAP, map_block_of(heap_block))
             blocks, _ = by_page.setdefault(tag, ([], bits))
             blocks.append(heap_block)

@@ -19,8 +19,9 @@ from walredod.types import BLCKSZ
 
 log = logging.getLogger("walredod.child")
 
-# SQLSTATEs our extension uses for requests that are wrong in themselves (see pgext/walredod_redo.c).
-_INVALID_REQUEST_SQLSTATES = {"08P01", "XX001", "0A000", "22023"}
+# SQLSTATEs our extension uses for requests that are wrong in themselves (see pgext/walredod_redo.c); WR001: a
+# record in another WAL format than the engine serves (pgext/wal_format.h).
+_INVALID_REQUEST_SQLSTATES = {"08P01", "XX001", "0A000", "22023", "WR001"}
 _SQLSTATE_LINE = re.compile(r"\b(ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):\s+(.*)")
 
 

@@ -249,7 +249,8 @@ class RedoEngine:
             argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
-                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}"]
+                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
+                    "-c", f"walredod.wal_format={self.settings.wal_format}"]
             for guc in _CHILD_GUCS:
                 argv += ["-c", guc]
             argv.append("postgres")

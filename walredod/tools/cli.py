@@ -13,7 +13,10 @@ from walredod.errors import WalredodError
 
 
 def doctor(args: argparse.Namespace) -> int:
-    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers."""
+    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers.
+    With --wal: say which heap record format a WAL directory holds instead."""
+    if args.wal:
+        return doctor_wal(args.wal)
     from walredod.engine import RedoEngine
     from walredod.engine.datadir import find_extension, find_postgres_bin
 
@@ -34,6 +37,43 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"ping round trip : p50 {rounds[len(rounds) // 2] / 1000:.1f} us over {len(rounds)} pings")
     print("ok: this machine can run walredod's redo engine")
     return 0
+
+
+_FORMAT_ADVICE = {
+    "vanilla": 'vanilla PostgreSQL 15: engine.kind = "vanilla", engine.wal_format = "vanilla" (the defaults)',
+    "neon": 'a Neon compute (PostgreSQL 15): engine.wal_format = "neon" (or engine.kind = "neon", Neon\'s binary)',
+}
+
+
+def doctor_wal(wal_dir: Path) -> int:
+    """Scan a WAL directory's heap records and say which format they are in (exit 1 when they do not agree)."""
+    from walredod.types import format_lsn
+    from walredod.wal import WalReader
+    from walredod.walformat import classify
+
+    reader = WalReader(wal_dir)
+    report = classify(reader.records())
+    start = format_lsn(reader.start_lsn) if reader.start_lsn is not None else "-"
+    print(f"WAL             : {wal_dir}, {report.records} records from {start} "
+          f"to {format_lsn(reader.end_lsn)} ({reader.end_reason})")
+    print(f"heap records    : {report.heap_records}, {report.telling} of them with a format-dependent layout")
+    print(f"layout fits     : vanilla only {report.fits['vanilla']}, neon only {report.fits['neon']}, "
+          f"both {report.fits['both']}, neither {report.fits['neither']}")
+    for fmt, record in report.first_misfit.items():
+        label = f"first not {fmt}"
+        print(f"{label:<16}: {record}")
+    verdict = report.verdict
+    if verdict in _FORMAT_ADVICE:
+        print(f"format          : {verdict}: WAL from {_FORMAT_ADVICE[verdict]}")
+        if report.fits["neither"]:
+            print(f"warning         : {report.fits['neither']} heap records fit neither format (damaged WAL?)")
+        return 0
+    if verdict == "undecided":
+        print("format          : undecided: no heap record here depends on the format")
+        return 0
+    print("format          : mixed: some heap records fit only the vanilla layout and others only Neon's; "
+          "one WAL comes from one server, so this WAL is damaged or assembled from two sources")
+    return 1
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -113,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it")
+    p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it; or, with --wal, "
+                            "say which format a WAL directory holds")
     p.add_argument("--data-dir", help="data directory (default: /var/lib/walredod as root, else ~/.local/state)")
     p.add_argument("--pings", type=int, default=1000)
+    p.add_argument("--wal", type=Path, metavar="DIR",
+                   help="scan this WAL directory (or segment file) instead: vanilla PostgreSQL 15 or Neon compute "
+                   "heap records, and the engine settings to use")
     p.set_defaults(func=doctor)
 
     def daemon_options(p: argparse.ArgumentParser) -> None:

@@ -518,3 +518,21 @@ def test_ping_and_status_are_answered_by_the_supervisor(kind):
     else:
         assert body == b""
     assert h.to_workers == []
+
+
+def test_a_retiring_worker_that_dies_hands_its_requests_on_and_is_not_replaced():
+    h = Harness(workers=2)
+    h.ready(0), h.ready(1)
+    relation = next(r for r in range(1, 10_000)
+                    if h.pool.router.choose((1663, 5, r), [0, 1], lambda i: 0, lambda i: True) == 1)
+    h.send(1, relation=relation)
+    (token, _), = h.requests_to(1)
+    h.pool.apply_settings(h.settings(1))
+    retiring = h.process_of(1)
+    retiring.returncode = -9
+    started = len(h.processes)
+    h.tick()
+    assert h.requests_to(0) == [(token, 1)]  # re-sent to the worker left
+    assert sorted(h.pool.slots) == [0] and len(h.processes) == started
+    h.answer(0, token, 1)
+    assert h.answers() == {1: (protocol.STATUS_OK, PAGE)}

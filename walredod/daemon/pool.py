@@ -198,14 +198,14 @@ class Pool:
         """Notice workers that exited (the supervisor calls this on SIGCHLD, and housekeeping does too)."""
         for slot in self.slots.values():
             process = slot.process
-            if process is None or process.poll() is None:
+            returncode = process.poll() if process is not None else None
+            if returncode is None:
                 continue
             if slot.retiring and slot.stop_sent and not slot.in_flight:
                 log.info("slot %d: worker %d retired", slot.index, process.pid)
                 self.by_identity.pop(slot.identity, None)
                 slot.process = None
                 continue
-            returncode = process.poll()
             self.worker_gone(slot, "exited" if returncode >= 0 else f"killed by signal {-returncode}")
 
     def worker_gone(self, slot: Slot, cause: str) -> None:
@@ -232,17 +232,16 @@ class Pool:
                 self.waiting.appendleft(token)
         slot.in_flight.clear()
         self.metrics.set_in_flight(slot.index, 0)
-        if slot.retiring:
-            return
-        slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
-        if slot.failed_starts >= self.settings.daemon.max_failed_starts:
-            slot.parked = True
-            log.error("slot %d: worker failed to start %d times in a row; slot parked until reload (SIGHUP)",
-                      slot.index, slot.failed_starts)
-            self._refuse_waiting_if_nothing_can_serve()
-            return
-        slot.next_start = self.clock() + self.backoff(slot.failed_starts)
-        self.dispatch()
+        if not slot.retiring:  # a retiring slot is not restarted: housekeeping removes it
+            slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
+            if slot.failed_starts >= self.settings.daemon.max_failed_starts:
+                slot.parked = True
+                log.error("slot %d: worker failed to start %d times in a row; slot parked until reload (SIGHUP)",
+                          slot.index, slot.failed_starts)
+                self._refuse_waiting_if_nothing_can_serve()
+            else:
+                slot.next_start = self.clock() + self.backoff(slot.failed_starts)
+        self.dispatch()  # to the workers left, at once
 
     def backoff(self, failed_starts: int) -> float:
         """Seconds before restarting a slot whose last ``failed_starts`` workers never became ready (0: a worker

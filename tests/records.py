@@ -17,44 +17,29 @@ from pathlib import Path
 
 import crc32c
 
-from walredod.types import BLCKSZ, BufferTag
+from walredod.pg15 import (  # noqa: F401 (resource managers and record types the tests use, from here)
+    BLCKSZ, PAGE_HEADER, PG_PAGE_LAYOUT_VERSION, RM_HEAP2_ID, RM_HEAP_ID, RM_SMGR_ID, RM_XACT_ID, RM_XLOG_ID,
+    SIZE_OF_PAGE_HEADER, XLOG_FPI, XLOG_FPI_FOR_HINT, page_lsn,
+)
+from walredod.pg15 import with_page_lsn as with_lsn
+from walredod.types import BufferTag
 
-# Resource managers and record kinds used by the tests (src/include/access/rmgrlist.h, xlog_internal.h, ...).
-RM_XLOG_ID = 0
-RM_XACT_ID = 1
-RM_SMGR_ID = 2
-RM_HEAP2_ID = 9
-XLOG_FPI_FOR_HINT = 0xA0  # pg_control.h
-XLOG_FPI = 0xB0
 XLOG_XACT_COMMIT = 0x00
 XLOG_SMGR_TRUNCATE = 0x20
 
-RECORD_HEADER = struct.Struct("<IIQBB2xI")  # xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid, pad, xl_crc
-assert RECORD_HEADER.size == 24
-_CRC_OFFSET = 20
-
-# fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids: the WAL reader's.
+# The record header, fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids:
+# the WAL reader's.
 from walredod.wal import (  # noqa: E402
+    RECORD_HEADER_LAYOUT as RECORD_HEADER,
     BKPBLOCK_HAS_DATA, BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPBLOCK_WILL_INIT, BKPIMAGE_APPLY, BKPIMAGE_HAS_HOLE,
-    XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT,
+    XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT, seal_record,
 )
 
-PAGE_HEADER_SIZE = 24  # SizeOfPageHeaderData
-PG_PAGE_LAYOUT_VERSION = 4
-_PAGE_HEADER = struct.Struct("<IIHHHHHHI")  # pd_lsn (hi, lo), checksum, flags, lower, upper, special, size|ver, prune
+_CRC_OFFSET = RECORD_HEADER.size - 4
+
+PAGE_HEADER_SIZE = SIZE_OF_PAGE_HEADER
 LP_NORMAL = 1
 MAXALIGN = 8
-
-
-def page_lsn(page: bytes) -> int:
-    """pd_lsn of a page: two u32, the high half first."""
-    hi, lo = struct.unpack_from("<II", page)
-    return (hi << 32) | lo
-
-
-def with_lsn(page: bytes, lsn: int) -> bytes:
-    """The page with its pd_lsn set, as PageSetLSN does."""
-    return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + page[8:]
 
 
 def make_page(lsn: int = 0, tuples: Sequence[bytes] = (), special: bytes = b"", prune_xid: int = 0) -> bytes:
@@ -72,7 +57,7 @@ def make_page(lsn: int = 0, tuples: Sequence[bytes] = (), special: bytes = b"", 
         page[upper:upper + len(tuple_data)] = tuple_data
         struct.pack_into("<I", page, lower, upper | (LP_NORMAL << 15) | (len(tuple_data) << 17))
         lower += 4
-    _PAGE_HEADER.pack_into(page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, lower, upper, special_start,
+    PAGE_HEADER.pack_into(page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, lower, upper, special_start,
                            BLCKSZ | PG_PAGE_LAYOUT_VERSION, prune_xid)
     return bytes(page)
 
@@ -144,9 +129,7 @@ def make_record(rmid: int, info: int, blocks: Sequence[BlockRef] = (), main_data
             headers.append(struct.pack("<BB", XLR_BLOCK_ID_DATA_SHORT, len(main_data)))
         else:
             headers.append(struct.pack("<BI", XLR_BLOCK_ID_DATA_LONG, len(main_data)))
-    body = b"".join(headers) + b"".join(payloads) + main_data
-    header = RECORD_HEADER.pack(RECORD_HEADER.size + len(body), xid, prev, info, rmid, 0)
-    return with_crc(header + body)
+    return seal_record(xid, prev, info, rmid, b"".join(headers) + b"".join(payloads) + main_data)
 
 
 def with_crc(record: bytes) -> bytes:
@@ -175,15 +158,10 @@ def expected_after_fpi(image: bytes, end_lsn: int, hole: bool = False) -> bytes:
 
 # --- heap records in the two PostgreSQL 15 formats: vanilla, and Neon compute's (walredod/walformat.py) ------------
 
-RM_HEAP_ID = 10
-XLOG_HEAP_INSERT = 0x00
-XLOG_HEAP_DELETE = 0x10
-XLOG_HEAP_UPDATE = 0x20
-XLOG_HEAP_HOT_UPDATE = 0x40
-XLOG_HEAP_LOCK = 0x60
-XLOG_HEAP_INIT_PAGE = 0x80
-XLOG_HEAP2_MULTI_INSERT = 0x50
-XLOG_HEAP2_LOCK_UPDATED = 0x60
+from walredod.pg15 import (  # noqa: E402, F401 (heap record kinds, for the tests that build heap records)
+    XLOG_HEAP2_LOCK_UPDATED, XLOG_HEAP2_MULTI_INSERT, XLOG_HEAP_DELETE, XLOG_HEAP_HOT_UPDATE, XLOG_HEAP_INIT_PAGE,
+    XLOG_HEAP_INSERT, XLOG_HEAP_LOCK, XLOG_HEAP_UPDATE,
+)
 XLH_UPDATE_CONTAINS_OLD_KEY = 0x08
 XLH_UPDATE_PREFIX_FROM_OLD = 0x20
 XLH_UPDATE_SUFFIX_FROM_OLD = 0x40

@@ -28,17 +28,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from walredod.pg15 import (  # noqa: F401 (the heap record kinds, for the users of this module too)
+    RM_HEAP2_ID, RM_HEAP_ID, XLOG_HEAP2_MULTI_INSERT, XLOG_HEAP_DELETE, XLOG_HEAP_HOT_UPDATE, XLOG_HEAP_INIT_PAGE,
+    XLOG_HEAP_INSERT, XLOG_HEAP_LOCK, XLOG_HEAP_OPMASK, XLOG_HEAP_UPDATE,
+)
 from walredod.wal import DecodedRecord
 
 WalFormat = Literal["vanilla", "neon"]
 FORMATS: tuple[WalFormat, ...] = ("vanilla", "neon")
-
-RM_HEAP2_ID, RM_HEAP_ID = 9, 10
-XLOG_HEAP_OPMASK = 0x70
-XLOG_HEAP_INIT_PAGE = 0x80
-XLOG_HEAP_INSERT, XLOG_HEAP_DELETE, XLOG_HEAP_UPDATE = 0x00, 0x10, 0x20
-XLOG_HEAP_HOT_UPDATE, XLOG_HEAP_LOCK = 0x40, 0x60
-XLOG_HEAP2_MULTI_INSERT = 0x50
 
 SIZEOF_HEAP_TUPLE_HEADER = 23  # SizeofHeapTupleHeader: the on-page header up to the null bitmap
 SIZEOF_HEAP_INSERT = 3  # xl_heap_insert: offnum u16, flags u8 (both formats)

@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from walredod import protocol
 from walredod.client.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
+from walredod.objects import check_base_image, check_tag
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BufferTag, WalRecord
 
@@ -66,10 +67,8 @@ def _drain(sock: zmq.Socket, limit: int = 256):
 
 
 def _check_args(tag, base_image: bytes | None) -> None:
-    object_kind = protocol.tag_fields(tag)[0]  # raises InvalidRequest for what is not a tag
-    size = protocol.BASE_IMAGE_SIZES[object_kind]
-    if base_image is not None and size is not None and len(base_image) != size:
-        raise InvalidRequest(f"base image is {len(base_image)} bytes, {tag} has {size}")
+    check_tag(tag)
+    check_base_image(tag, base_image)
 
 
 def _object_or_none(body):
@@ -284,7 +283,7 @@ class RedoClient:
         request_id = next(self._ids)
         started = time.monotonic()
         sock = self._control_socket
-        sock.send_multipart(protocol.encode_ping(request_id, kind))
+        sock.send_multipart(protocol.encode_control(request_id, kind))
         deadline = started + timeout
         while (remaining := deadline - time.monotonic()) > 0 and sock.poll(remaining * 1000):
             got_id, result = _result(sock.recv_multipart())
@@ -420,7 +419,7 @@ class AsyncRedoClient:
         async with self._control_lock:  # one control request at a time on the control socket
             request_id = next(self._ids)
             sock = self._control_socket
-            await sock.send_multipart(protocol.encode_ping(request_id, kind))
+            await sock.send_multipart(protocol.encode_control(request_id, kind))
             deadline = time.monotonic() + timeout
             while (remaining := deadline - time.monotonic()) > 0 and await sock.poll(remaining * 1000):
                 got_id, result = _result(await sock.recv_multipart())

@@ -80,6 +80,7 @@ class Pending:
     accepted: float
     records: int
     size: int  # bytes of all its frames
+    requests: int = 1  # a batch's size: load is counted in requests, as clients count theirs
     attempts: int = 0
     slot: int | None = None
 
@@ -272,9 +273,8 @@ class Pool:
         slot.credit += 1
         pending = slot.in_flight.pop(token, None)
         if pending is not None and self.pending.pop(token, None) is not None:
-            reply = [b"", *frames[3:]]
-            pending.frontend.send(pending.client, reply)
-            self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(reply), "ok"),
+            pending.frontend.send(pending.client, [b"", *frames[3:]])  # a batch's reply has more frames
+            self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(frames[3].buffer), "ok"),
                                  now - pending.accepted, pending.records)
             self.released(pending)
             slot.served += 1
@@ -286,13 +286,19 @@ class Pool:
         """A client message as received on ``frontend``: its identity, then the request, delimiter first."""
         client = frames[0].bytes
         body = [f.buffer for f in frames[1:]]
+        # The checks in the order of docs/client-protocol.md, "How the daemon checks a request".
         try:
+            if self.stopping:
+                raise Unavailable("the daemon is stopping")
+            size = sum(len(f) for f in body)
+            if size > self.settings.daemon.max_request_bytes:
+                raise InvalidRequest(f"request of {size} bytes is over the limit of "
+                                     f"{self.settings.daemon.max_request_bytes}")
             request = protocol.decode_request(body, records=False)
             if request.kind in _CONTROL_KINDS:
                 frontend.send(client, protocol.encode_reply(request.request_id, self.control_reply(frontend,
                                                                                                    request.kind)))
                 return
-            size = sum(len(f) for f in body)
             self.admit(frontend, client, size)
         except WalredodError as error:
             self.metrics.observe(error.code, 0.0, 0)
@@ -304,7 +310,8 @@ class Pool:
         # Records: the frames after each request's header, base image and LSN frame (a batch has its own header).
         records = len(body) - 4 if request.batch is None else len(body) - 2 - 3 * len(request.batch)
         self.pending[token] = Pending(frontend, client, request.request_id, frames[2:],
-                                      protocol.routing_key(request.tag), now + timeout, now, records, size)
+                                      protocol.routing_key(request.tag), now + timeout, now, records, size,
+                                      len(request.batch) if request.batch else 1)
         self.waiting.append(token)
         self.dispatch()
 
@@ -321,15 +328,11 @@ class Pool:
     # the daemon holds (a byte budget, fairness between clients would go here, with ``released`` undoing them).
 
     def admit(self, frontend: Frontend, client: bytes, size: int) -> None:
-        """Raises the error to answer instead of taking a request of ``size`` bytes from ``client``."""
-        d = self.settings.daemon
-        if self.stopping:
-            raise Unavailable("the daemon is stopping")
-        if size > d.max_request_bytes:
-            raise InvalidRequest(f"request of {size} bytes is over the limit of {d.max_request_bytes}")
+        """Raises the error to answer instead of taking a well-formed redo request or batch of ``size`` bytes from
+        ``client`` (the last of the checks)."""
         if self.slots and all(slot.parked for slot in self.slots.values()):
             raise Unavailable("no worker can start (see the daemon's log and `walredod status`)")
-        if len(self.pending) >= d.max_pending:
+        if len(self.pending) >= self.settings.daemon.max_pending:
             raise Unavailable(f"{len(self.pending)} requests are waiting; try again later")
 
     def released(self, pending: Pending) -> None:
@@ -342,7 +345,7 @@ class Pool:
         workers have credit."""
         slots = self.slots
         ready = [s.index for s in slots.values() if s.takes_work]
-        load = lambda i: len(slots[i].in_flight)  # noqa: E731
+        load = lambda i: sum(p.requests for p in slots[i].in_flight.values())  # noqa: E731
         has_credit = lambda i: slots[i].credit > 0  # noqa: E731
         while self.waiting:
             token = self.waiting[0]
@@ -350,7 +353,7 @@ class Pool:
             if pending is None:  # answered meanwhile (an error)
                 self.waiting.popleft()
                 continue
-            index = self.router.choose(pending.key, ready, load, has_credit)
+            index = self.router.choose(pending.key, ready, load, has_credit, pending.requests)
             if index is None:
                 break
             self.waiting.popleft()
@@ -452,7 +455,7 @@ class Pool:
         takes new work. A client re-sends through us whatever it had sent to a worker that is no longer listed
         with the same pid (docs/client-protocol.md). Clients that came in by tcp get no direct path: the workers'
         endpoints are ipc sockets on this machine."""
-        direct = local and self.direct_base is not None and not self.stopping
+        direct = local and self.direct_base is not None
         workers = [{"slot": s.index, "pid": s.process.pid if s.process else None, "endpoint": s.direct_endpoint,
                     "ready": s.takes_work and s.process is not None}
                    for s in self.slots.values() if direct and s.direct_endpoint]

@@ -11,6 +11,9 @@ from pathlib import Path
 from walredod.config import ConfigError, EngineSettings
 from walredod.errors import WalredodError
 
+DATA_DIR_HELP = ("the engine's data directory: template cluster and redo children's datadirs (engine.data_dir; "
+                 "default: /var/lib/walredod as root, else ~/.local/state/walredod)")
+
 
 def doctor(args: argparse.Namespace) -> int:
     """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers.
@@ -82,8 +85,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["daemon.endpoints"] = args.endpoint
     if getattr(args, "workers", None) is not None:
         overrides["daemon.workers"] = args.workers
-    if getattr(args, "datadir", None):
-        overrides["engine.data_dir"] = args.datadir
+    if getattr(args, "data_dir", None):
+        overrides["engine.data_dir"] = args.data_dir
     return overrides
 
 
@@ -139,7 +142,7 @@ def bench(args: argparse.Namespace) -> int:
         path = " via supervisor" if args.target == "daemon" and args.via_supervisor else ""
         label = f"{args.target}{path} {args.mix} {args.mode} x{clients}"
         results.append(benchmark.run(label, args.target, requests, endpoint=args.endpoint and args.endpoint[0],
-                                     engine_options={"data_dir": args.datadir} if args.datadir else {},
+                                     engine_options={"data_dir": args.data_dir} if args.data_dir else {},
                                      client_options={"direct": not args.via_supervisor}, mode=args.mode,
                                      clients=clients, duration=args.seconds))
     benchmark.print_table(results)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it; or, with --wal, "
                             "say which format a WAL directory holds")
-    p.add_argument("--data-dir", help="data directory (default: /var/lib/walredod as root, else ~/.local/state)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--pings", type=int, default=1000)
     p.add_argument("--wal", type=Path, metavar="DIR",
                    help="scan this WAL directory (or segment file) instead: vanilla PostgreSQL 15 or Neon compute "
@@ -170,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("serve", help="run the daemon: a supervisor and N workers")
     daemon_options(p)
     p.add_argument("--workers", type=int, help="worker processes (0: one per CPU)")
-    p.add_argument("--datadir", type=Path, help="data directory for the workers' scratch clusters")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.set_defaults(func=serve)
 
     p = commands.add_parser("check-config", help="validate the configuration without starting")
     daemon_options(p)
     p.add_argument("--workers", type=int)
-    p.add_argument("--datadir", type=Path)
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.set_defaults(func=check_config)
 
     p = commands.add_parser("status", help="print each worker's state, pid, child pid, requests served, restarts")
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1], help="concurrent client processes (one run each)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sample", type=Path, help="request sample (default: walredod/tools/data/requests.bin.gz)")
-    p.add_argument("--datadir", type=Path, help="data directory for engines (with --target engine)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP + " (with --target engine)")
     p.add_argument("--json", type=Path, default=Path("bench/results/walredod_bench.json"))
     p.add_argument("--plot", type=Path, default=Path("bench/results/walredod_bench.png"))
     p.set_defaults(func=bench)

@@ -95,6 +95,7 @@ class Slot:
     ready: bool = False
     credit: int = 0
     in_flight: dict[int, Pending] = field(default_factory=dict)
+    load: int = 0  # requests in flight here, a batch counting its size (kept, not summed: read per dispatch)
     last_seen: float = 0.0
     started_at: float = 0.0
     failed_starts: int = 0
@@ -232,6 +233,7 @@ class Pool:
             else:
                 self.waiting.appendleft(token)
         slot.in_flight.clear()
+        slot.load = 0
         self.metrics.set_in_flight(slot.index, 0)
         if not slot.retiring:  # a retiring slot is not restarted: housekeeping removes it
             slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
@@ -272,6 +274,8 @@ class Pool:
         slot.last_seen = now
         slot.credit += 1
         pending = slot.in_flight.pop(token, None)
+        if pending is not None:
+            slot.load -= pending.requests
         if pending is not None and self.pending.pop(token, None) is not None:
             pending.frontend.send(pending.client, [b"", *frames[3:]])  # a batch's reply has more frames
             self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(frames[3].buffer), "ok"),
@@ -345,7 +349,7 @@ class Pool:
         workers have credit."""
         slots = self.slots
         ready = [s.index for s in slots.values() if s.takes_work]
-        load = lambda i: sum(p.requests for p in slots[i].in_flight.values())  # noqa: E731
+        load = lambda i: slots[i].load  # noqa: E731
         has_credit = lambda i: slots[i].credit > 0  # noqa: E731
         while self.waiting:
             token = self.waiting[0]
@@ -359,6 +363,7 @@ class Pool:
             self.waiting.popleft()
             slot = slots[index]
             slot.credit -= 1
+            slot.load += pending.requests
             slot.in_flight[token] = pending
             pending.slot = index
             pending.attempts += 1
@@ -371,7 +376,9 @@ class Pool:
         if pending is None:
             return
         if pending.slot is not None:
-            self.slots[pending.slot].in_flight.pop(token, None)
+            slot = self.slots[pending.slot]
+            if slot.in_flight.pop(token, None) is not None:
+                slot.load -= pending.requests
         self.metrics.observe(error.code, self.clock() - pending.accepted, pending.records)
         pending.frontend.send(pending.client, protocol.encode_error(pending.request_id, error))
         self.released(pending)

@@ -273,10 +273,10 @@ class Pool:
         now = self.clock()
         slot.last_seen = now
         slot.credit += 1
-        pending = slot.in_flight.pop(token, None)
+        pending = slot.in_flight.pop(token, None)  # None: answered already (its deadline passed)
         if pending is not None:
+            del self.pending[token]
             slot.load -= pending.requests
-        if pending is not None and self.pending.pop(token, None) is not None:
             pending.frontend.send(pending.client, [b"", *frames[3:]])  # a batch's reply has more frames
             self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(frames[3].buffer), "ok"),
                                  now - pending.accepted, pending.records)

@@ -206,17 +206,14 @@ def test_visibility_map_clears():
 
 @pytest.fixture
 def supervisor(tmp_path):
-    from walredod.daemon.supervisor import Slot, Supervisor
+    """The supervisor's bookkeeping (it writes both documents), one slot, no sockets or processes."""
+    from walredod.daemon.pool import Pool, Slot
 
     settings = Settings.model_validate({"daemon": {"endpoints": [f"ipc://{tmp_path}/walredod.sock"]},
                                         "engine": {"data_dir": str(tmp_path / "data")}})
-    sup = Supervisor(settings)
-    sup.slots[0] = Slot(0)
-    sup.slots[0].direct_endpoint = f"{sup.direct_base}-0.sock"
-    yield sup
-    sup.frontend.close()
-    sup.backend.close()
-    sup.context.term()
+    pool = Pool(settings, start_process=None, send_worker=None, direct_base=f"ipc://{tmp_path}/walredod-worker")
+    pool.slots[0] = Slot(0, direct_endpoint=f"{pool.direct_base}-0.sock")
+    return pool
 
 
 def _fields(heading: str, occurrence: int) -> set[str]:
@@ -233,7 +230,7 @@ def test_status_document_fields(supervisor):
 
 
 def test_directory_fields(supervisor):
-    directory = json.loads(supervisor.directory_json())
+    directory = json.loads(supervisor.directory_json(local=True))
     assert set(directory) == _fields("Directory", 0)
     assert set(directory["workers"][0]) == _fields("Directory", 1)
 

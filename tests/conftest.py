@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ settings.register_profile("walredod", deadline=None)
 settings.load_profile("walredod")
 
 REPORTS: list[str] = []  # tables printed at the end of the run (pages checked per rmgr, ...)
+_TMPDIRS: list[Path] = []  # removed when the session ends (WALREDOD_KEEP_TEST_DIRS=1 keeps them)
 
 
 def report_comparison(title: str, columns: tuple[str, str, str], rows: dict[str, tuple[int, int]],
@@ -33,10 +35,19 @@ def report_comparison(title: str, columns: tuple[str, str, str], rows: dict[str,
 
 
 def world_traversable_tmpdir(prefix: str) -> Path:
-    """A temp dir the unprivileged PostgreSQL user can reach (pytest's own tmp dirs are private to root)."""
+    """A temp dir the unprivileged PostgreSQL user can reach (pytest's own tmp dirs are private to root). Removed
+    when the test session ends: a scenario alone is hundreds of MB."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(path, 0o755)
+    _TMPDIRS.append(path)
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("WALREDOD_KEEP_TEST_DIRS"):
+        return
+    for path in _TMPDIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

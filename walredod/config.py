@@ -102,6 +102,16 @@ class DaemonSettings(Strict):
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus metrics endpoint; none when unset.",
     )
+    # Who may connect (walredod/daemon/endpoints.py).
+    socket_group: str | None = Field(
+        None,
+        description="Group of every ipc:// socket file (frontend and workers' direct endpoints): its members may "
+        "connect. Default: the daemon's own group. The daemon's user must be in it.",
+    )
+    socket_mode: str = Field(
+        "0660", pattern=r"^0?[0-7]{3}$",
+        description="Permissions of every ipc:// socket file, octal; connecting needs write permission.",
+    )
 
 
 class Settings(Strict):

@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from walredod import protocol
+from walredod.client import access
 from walredod.client.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BufferTag, WalRecord
@@ -72,6 +73,12 @@ def _check_args(tag, base_image: bytes | None) -> None:
         raise InvalidRequest(f"base image is {len(base_image)} bytes, {tag} has {size}")
 
 
+def _why_not(endpoint: str) -> str:
+    """For a timeout's message: what the socket file says, when it says something."""
+    problem = access.ipc_problem(endpoint)
+    return f": {problem}" if problem else ""
+
+
 def _object_or_none(body):
     """An empty body says the object does not exist: a finished prepared transaction, a visibility-map page cut
     off by a truncation."""
@@ -108,6 +115,8 @@ class RedoClient:
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None,
                  direct: bool = True):
+        if problem := access.permission_denied(endpoint):  # else ZeroMQ would retry in silence until a timeout
+            raise Unavailable(problem)
         self.endpoint = endpoint
         self.timeout = timeout
         self._context = context or zmq.Context.instance()
@@ -265,10 +274,11 @@ class RedoClient:
         self._connect()  # late replies to a closed socket are lost; ids guard against the rest
         if self._direct is not None:
             self._direct.reset_sockets()
+        why = "" if answered_any else _why_not(self.endpoint)
         for flight in flights.values():
             for index in flight.indices.values():
                 results[index] = (RedoTimeout if answered_any else Unavailable)(
-                    f"no reply from {self.endpoint} within {timeout:g} s")
+                    f"no reply from {self.endpoint} within {timeout:g} s{why}")
         flights.clear()
 
     def ping(self, timeout: float = 5.0) -> float:
@@ -294,7 +304,7 @@ class RedoClient:
                 return time.monotonic() - started, result
         self._control_socket.close(linger=0)
         self._control_socket = _dealer(self._context, self.endpoint)
-        raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s")
+        raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s{_why_not(self.endpoint)}")
 
     def close(self) -> None:
         for sock in (self._socket, self._control_socket):
@@ -320,6 +330,8 @@ class AsyncRedoClient:
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, direct: bool = True):
+        if problem := access.permission_denied(endpoint):
+            raise Unavailable(problem)
         self.endpoint = endpoint
         self.timeout = timeout
         self._context = zmq.asyncio.Context.instance()
@@ -430,7 +442,7 @@ class AsyncRedoClient:
                     return result
             sock.close(linger=0)
             self._control_socket = _dealer(self._context, self.endpoint)
-            raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s")
+            raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s{_why_not(self.endpoint)}")
 
     async def close(self) -> None:
         for task in (*self._readers.values(), self._checker):

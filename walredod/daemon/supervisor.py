@@ -27,8 +27,8 @@ from pathlib import Path
 import zmq
 
 from walredod import protocol
-from walredod.daemon import backend
-from walredod.daemon.endpoints import direct_endpoint_base, remove_ipc_file
+from walredod.daemon import backend, preflight
+from walredod.daemon.endpoints import EndpointInUse, SupervisorEndpoints, direct_endpoint_base
 from walredod.config import ConfigError, Settings, load_settings
 from walredod.errors import PoisonRequest, RedoTimeout, Unavailable, WalredodError
 from walredod.daemon.metrics import Metrics
@@ -114,7 +114,7 @@ class Supervisor:
         self._last_watchdog = 0.0
         self._next_housekeeping = 0.0
         run_dir = settings.engine.data_dir / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoints: SupervisorEndpoints | None = None
         self.backend_endpoint = f"ipc://{run_dir}/backend-{os.getpid()}.sock"
         self.direct_base = direct_endpoint_base(settings.daemon)
 
@@ -131,18 +131,28 @@ class Supervisor:
         self.frontend.setsockopt(zmq.SNDHWM, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
-        for endpoint in d.endpoints:
-            if endpoint.startswith("ipc://"):
-                Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
-            self.frontend.bind(endpoint)
-        self.backend.bind(self.backend_endpoint)
-        if d.metrics_address:
-            self.metrics.serve(d.metrics_address)
+        # Refuses (touching nothing) when another daemon serves an endpoint; removes stale socket files.
+        self.endpoints = SupervisorEndpoints(d, self.backend_endpoint)
+        try:
+            for endpoint in d.endpoints:
+                self.endpoints.bind_frontend(self.frontend, endpoint)
+            self.endpoints.bind_backend(self.backend, self.backend_endpoint)
+            if d.metrics_address:
+                try:
+                    self.metrics.serve(d.metrics_address)
+                except OSError as error:
+                    raise EndpointInUse(f"daemon.metrics_address {d.metrics_address}: {error.strerror}") from None
+        except BaseException:
+            self.frontend.close()
+            self.backend.close()
+            self.endpoints.release()
+            raise
 
     def worker_count(self) -> int:
         return self.settings.daemon.workers or os.cpu_count() or 1
 
     def run(self) -> int:
+        preflight.check(self.settings, self.config_path)
         self.cpus = sorted(os.sched_getaffinity(0))
         if self.settings.daemon.cpu_placement == "pair" and len(self.cpus) > 1:
             # Our own CPU: the last one, where the fewest workers sit (worker i is on CPU i). A supervisor the
@@ -200,6 +210,7 @@ class Supervisor:
         """Re-read the configuration; the worker count and tunables change without dropping requests."""
         try:
             settings = load_settings(self.config_path, self.overrides)
+            preflight.check(settings, self.config_path)
         except ConfigError as error:
             log.error("reload refused, keeping the running configuration: %s", error)
             return
@@ -240,8 +251,7 @@ class Supervisor:
         self.frontend.close()
         self.backend.close()
         self.context.term()
-        for endpoint in (*self.settings.daemon.endpoints, self.backend_endpoint):
-            remove_ipc_file(endpoint)  # ZeroMQ leaves socket files behind
+        self.endpoints.release()  # ZeroMQ leaves socket files behind
         self.metrics.stop()
         log.info("walredod stopped")
 
@@ -254,7 +264,8 @@ class Supervisor:
                 "--backend", self.backend_endpoint, "--credit", str(d.worker_credit),
                 "--heartbeat-interval", str(d.heartbeat_interval), "--cpu", str(cpu),
                 "--max-request-bytes", str(d.max_request_bytes),
-                "--engine-settings", self.settings.engine.model_dump_json()]
+                "--engine-settings", self.settings.engine.model_dump_json(),
+                "--daemon-settings", self.settings.daemon.model_dump_json()]
         slot.direct_endpoint = f"{self.direct_base}-{slot.index}.sock" if self.direct_base else None
         if slot.direct_endpoint:
             argv += ["--direct", slot.direct_endpoint]

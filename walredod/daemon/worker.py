@@ -27,8 +27,8 @@ import zmq
 
 from walredod import protocol
 from walredod.daemon import backend
-from walredod.daemon.endpoints import remove_ipc_file
-from walredod.config import EngineSettings
+from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file
+from walredod.config import DaemonSettings, EngineSettings
 from walredod.engine import RedoEngine
 from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, WalredodError
 from walredod.native import synthesized
@@ -124,8 +124,10 @@ class RequestServer:
 
 class Worker:
     def __init__(self, slot: int, backend: str, engine_settings: EngineSettings, credit: int,
-                 heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0):
+                 heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0,
+                 daemon_settings: DaemonSettings | None = None):
         self.slot = slot
+        self.daemon_settings = daemon_settings or DaemonSettings()
         self.credit = credit
         self.heartbeat_interval = heartbeat_interval
         self._reported_child: int | None = None
@@ -146,7 +148,7 @@ class Worker:
             self.direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
             if max_request_bytes:
                 self.direct.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + 4096)
-            self.direct.bind(direct)
+            bind_worker_endpoint(self.direct, direct, self.daemon_settings)  # a live one refused, a stale one removed
         self.direct_path = direct
 
     def run(self) -> None:
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct", default=None, help="endpoint of the direct data path (none: supervisor only)")
     parser.add_argument("--max-request-bytes", type=int, default=0, help="largest direct request accepted")
     parser.add_argument("--engine-settings", required=True, help="EngineSettings as JSON")
+    parser.add_argument("--daemon-settings", default="{}", help="DaemonSettings as JSON (socket access)")
     args = parser.parse_args(argv)
     die_with_parent()
     if args.cpu >= 0:
@@ -261,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the supervisor, which stops us in order
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     settings = EngineSettings.model_validate(json.loads(args.engine_settings))
+    daemon_settings = DaemonSettings.model_validate(json.loads(args.daemon_settings))
     try:
         worker = Worker(args.slot, args.backend, settings, args.credit, args.heartbeat_interval, args.direct,
-                        args.max_request_bytes)
+                        args.max_request_bytes, daemon_settings)
     except WalredodError as error:
         log.error("worker %d cannot start: %s", args.slot, error)
         return 3

@@ -59,7 +59,10 @@ def serve(args: argparse.Namespace) -> int:
 def check_config(args: argparse.Namespace) -> int:
     from walredod.config import load_settings
 
+    from walredod.daemon import preflight
+
     settings = load_settings(args.config, _overrides(args))
+    preflight.check(settings, args.config)
     print(f"{args.config or 'defaults'}: ok")
     if args.verbose:
         print(settings.model_dump_json(indent=2))

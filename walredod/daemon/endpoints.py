@@ -188,8 +188,13 @@ def restrict_socket(path: str | os.PathLike, settings) -> None:
     SocketAccess). Call it right after binding, before announcing the socket: until then the file has the
     process's umask, which never grants others write permission (and so, connection) with our unit's UMask."""
     access = _access(settings)
-    os.chown(path, -1, access.gid)
-    os.chmod(path, access.mode)
+    try:
+        if os.stat(path).st_gid != access.gid:  # (a chown even to the same group is a syscall some units forbid)
+            os.chown(path, -1, access.gid)
+        os.chmod(path, access.mode)
+    except OSError as error:
+        raise Unavailable(f"daemon.socket_group/socket_mode: cannot give {path} group {access.gid} and mode "
+                          f"{access.mode:o}: {error.strerror}") from None
 
 
 def prepare_socket_dir(directory: str | os.PathLike, settings) -> None:
@@ -199,7 +204,8 @@ def prepare_socket_dir(directory: str | os.PathLike, settings) -> None:
     directory = Path(directory)
     try:
         directory.mkdir(mode=access.directory_mode)
-        os.chown(directory, -1, access.gid)
+        if directory.stat().st_gid != access.gid:
+            os.chown(directory, -1, access.gid)
         os.chmod(directory, access.directory_mode)  # mkdir's mode passes through the umask
         return
     except FileExistsError:
@@ -209,7 +215,11 @@ def prepare_socket_dir(directory: str | os.PathLike, settings) -> None:
     if info.st_uid != os.geteuid() or shared:
         return  # not ours to change (/tmp, another user's directory): the socket file's own mode still rules
     if access.mode & 0o060 and info.st_gid != access.gid:
-        os.chown(directory, -1, access.gid)
+        try:
+            os.chown(directory, -1, access.gid)
+        except OSError as error:
+            raise Unavailable(f"daemon.socket_group: cannot give {directory} group {access.gid}: "
+                              f"{error.strerror}") from None
     os.chmod(directory, stat.S_IMODE(info.st_mode) | (access.directory_mode & 0o011))
 
 

@@ -214,10 +214,12 @@ class Supervisor:
         except ConfigError as error:
             log.error("reload refused, keeping the running configuration: %s", error)
             return
-        if settings.daemon.endpoints != self.settings.daemon.endpoints:
-            log.warning("reload: endpoints changed; that needs a restart, keeping %s", self.settings.daemon.endpoints)
-            settings = settings.model_copy(update={"daemon": settings.daemon.model_copy(
-                update={"endpoints": self.settings.daemon.endpoints})})
+        for name in ("endpoints", "socket_group", "socket_mode"):  # bound sockets keep what they were made with
+            if getattr(settings.daemon, name) != getattr(self.settings.daemon, name):
+                log.warning("reload: daemon.%s changed; that needs a restart, keeping %s", name,
+                            getattr(self.settings.daemon, name))
+                settings = settings.model_copy(update={"daemon": settings.daemon.model_copy(
+                    update={name: getattr(self.settings.daemon, name)})})
         self.settings = settings
         self.router.spill_factor = settings.daemon.spill_factor
         wanted = self.worker_count()

@@ -112,6 +112,17 @@ class DaemonSettings(Strict):
         "0660", pattern=r"^0?[0-7]{3}$",
         description="Permissions of every ipc:// socket file, octal; connecting needs write permission.",
     )
+    curve_secret_key_file: Path | None = Field(
+        None,
+        description="The daemon's CURVE key pair for tcp:// endpoints (the .key_secret file of `walredod keygen`).",
+    )
+    curve_client_keys: Path | None = Field(
+        None, description="Directory of the public keys (*.key) of the clients allowed on tcp:// endpoints.",
+    )
+    allow_plain_tcp: bool = Field(
+        False,
+        description="Serve tcp:// endpoints without CURVE: anyone who reaches the port gets pages. Warned at start.",
+    )
 
 
 class Settings(Strict):

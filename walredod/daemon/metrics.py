@@ -30,6 +30,10 @@ class Metrics:
                             ["slot"], registry=self.registry)
         self.restarts = Counter("walredod_worker_restarts", "Workers that ended and were replaced, by cause.",
                                 ["cause"], registry=self.registry)
+        self.refused_connections = Counter(
+            "walredod_refused_connections", "Connections refused at the handshake (ZAP), by ZAP domain: "
+            "walredod-workers (a process posing as a worker) or walredod-clients (a tcp client without an allowed key).",
+            ["domain"], registry=self.registry)
         self._server = None
         self._by_status: dict[str, Counter] = {}  # label lookups cost microseconds: once per value
         self._by_slot: dict[int, Gauge] = {}

@@ -7,12 +7,13 @@ groups. A configured path that is not there is an error naming its setting, neve
 from __future__ import annotations
 
 from walredod.config import ConfigError, Settings
+from walredod.daemon import auth
 from walredod.daemon.endpoints import setting_problems
 from walredod.engine.datadir import engine_path_problems
 
 
 def problems(settings: Settings) -> list[str]:
-    return engine_path_problems(settings.engine) + setting_problems(settings.daemon)
+    return engine_path_problems(settings.engine) + setting_problems(settings.daemon) + auth.setting_problems(settings.daemon)
 
 
 def check(settings: Settings, source: object = None) -> None:

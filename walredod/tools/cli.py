@@ -87,6 +87,17 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def keygen(args: argparse.Namespace) -> int:
+    """A CURVE key pair for tcp:// endpoints: the daemon's, or a client's."""
+    from walredod.daemon.auth import keygen as make_keys
+
+    if (args.directory / f"{args.name}.key_secret").exists():
+        raise SystemExit(f"walredod keygen: {args.directory / args.name}.key_secret exists; not overwriting it")
+    public, secret = make_keys(args.directory, args.name)
+    print(f"public key {public} (give it to the other side)\nsecret key {secret} (keep it; mode 0600)")
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     """Real request sets against one engine or a running daemon: a table, a JSON result and a PNG plot."""
     from walredod.tools import benchmark
@@ -142,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     daemon_options(p)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=status)
+
+    p = commands.add_parser("keygen", help="make a CURVE key pair (daemon: curve_secret_key_file; clients: their "
+                            "public key goes into the daemon's curve_client_keys directory)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--name", default="walredod", help="file names: NAME.key (public), NAME.key_secret")
+    p.set_defaults(func=keygen)
 
     p = commands.add_parser("bench", help="benchmark one engine or a running daemon on real request sets")
     p.add_argument("--target", choices=["engine", "daemon"], default="engine")

@@ -26,7 +26,7 @@ import time
 import zmq
 
 from walredod import protocol
-from walredod.daemon import backend
+from walredod.daemon import auth, backend
 from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file
 from walredod.config import DaemonSettings, EngineSettings
 from walredod.engine import RedoEngine
@@ -125,7 +125,7 @@ class RequestServer:
 class Worker:
     def __init__(self, slot: int, backend: str, engine_settings: EngineSettings, credit: int,
                  heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0,
-                 daemon_settings: DaemonSettings | None = None):
+                 daemon_settings: DaemonSettings | None = None, secret: bytes | None = None):
         self.slot = slot
         self.daemon_settings = daemon_settings or DaemonSettings()
         self.credit = credit
@@ -139,6 +139,8 @@ class Worker:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.setsockopt(zmq.IDENTITY, f"w{slot}.{os.getpid()}".encode())
+        if secret is not None:  # the supervisor admits only its own worker process with the secret it gave it
+            auth.worker_credentials(self.socket, slot, secret)
         self.socket.connect(backend)
         self.direct = None
         if direct:
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-bytes", type=int, default=0, help="largest direct request accepted")
     parser.add_argument("--engine-settings", required=True, help="EngineSettings as JSON")
     parser.add_argument("--daemon-settings", default="{}", help="DaemonSettings as JSON (socket access)")
+    parser.add_argument("--secret-fd", type=int, default=-1,
+                        help="pipe holding the secret this worker logs in to the supervisor with")
     args = parser.parse_args(argv)
     die_with_parent()
     if args.cpu >= 0:
@@ -263,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s worker-{args.slot}[%(process)d] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the supervisor, which stops us in order
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Read (and close) the secret before anything starts a redo child that could inherit it.
+    secret = auth.read_secret(args.secret_fd) if args.secret_fd >= 0 else None
     settings = EngineSettings.model_validate(json.loads(args.engine_settings))
     daemon_settings = DaemonSettings.model_validate(json.loads(args.daemon_settings))
     try:
         worker = Worker(args.slot, args.backend, settings, args.credit, args.heartbeat_interval, args.direct,
-                        args.max_request_bytes, daemon_settings)
+                        args.max_request_bytes, daemon_settings, secret)
     except WalredodError as error:
         log.error("worker %d cannot start: %s", args.slot, error)
         return 3

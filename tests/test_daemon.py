@@ -1,6 +1,9 @@
 """The daemon end to end: real WAL through the client library, faults under load, bad input, routing, operations.
 
-Every test talks to a real `walredod serve` process (supervisor, workers, redo children) over ZeroMQ.
+Every test talks to a real `walredod serve` process (supervisor, workers, redo children) over ZeroMQ. Tests that only
+send requests share one daemon (module fixture ``daemon``); a test that kills, stops, pauses or reloads part of a
+daemon gets its own (``own_daemon``), so no test depends on another's order or leftovers. The supervisor's
+bookkeeping rules are unit-tested without processes in tests/test_supervisor.py.
 """
 
 from __future__ import annotations
@@ -52,18 +55,35 @@ request_timeout = 20
 """
 
 
+def wait_until(condition, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    """Poll ``condition`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message}: not within {timeout} s")
+        time.sleep(interval)
+
+
 class Daemon:
     def __init__(self, root: Path, workers: int = 2, metrics_port: int | None = None, extra_config: str = "",
-                 wait: bool = True, env: dict | None = None):
+                 wait: bool = True, env: dict | None = None, tcp: bool = False):
         self.root = root
         self.endpoint = f"ipc://{root}/walredod.sock"
+        self.tcp_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}" if tcp else None
         self.config = root / "walredod.toml"
         self.metrics_port = metrics_port or free_tcp_port()
         self.extra_config = extra_config
+        self.log = root / "daemon.log"
         self.write_config(workers)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "walredod", "serve", "--config", str(self.config), "--endpoint", self.endpoint],
-            env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING", **(env or {})})
+        endpoints = [self.endpoint, *([self.tcp_endpoint] if tcp else [])]
+        with open(self.log, "wb") as log:  # read by tests that wait for a message; shown when a test fails
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "walredod", "serve", "--config", str(self.config),
+                 *(arg for endpoint in endpoints for arg in ("--endpoint", endpoint))],
+                stderr=log, env={**os.environ, "WALREDOD_LOG_LEVEL": "WARNING", **(env or {})})
         self.client = RedoClient(self.endpoint, timeout=30)
         if not wait:
             return
@@ -85,27 +105,48 @@ class Daemon:
         return self.client.status()["workers"]
 
     def wait_ready(self, count: int, timeout: float = 30) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready():
             workers = self.workers()
-            if len(workers) == count and all(w["state"] == "ready" and w["child_pid"]
-                                             and Path(f"/proc/{w['child_pid']}").exists() for w in workers):
-                return workers
-            time.sleep(0.05)
-        raise AssertionError(f"workers not ready: {self.workers()}")
+            return len(workers) == count and all(w["state"] == "ready" and w["child_pid"]
+                                                 and Path(f"/proc/{w['child_pid']}").exists() for w in workers)
+        wait_until(ready, timeout, message="workers ready")
+        return self.workers()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(30)
         self.client.close()
+        sys.stderr.write(self.log_text())  # pytest shows it with a failing test
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-"))
+    """The daemon shared by tests that only send requests (and read its state): never kill, stop or reload it."""
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-"), tcp=True)
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def own_daemon():
+    """A daemon of the test's own, for tests that kill, pause, reload or stop part of it."""
+    daemon = Daemon(world_traversable_tmpdir("walredod-daemon-own-"))
+    yield daemon
+    daemon.stop()
+
+
+def served(daemon) -> int:
+    """Requests the daemon's workers have served (both paths), as their last heartbeats said."""
+    return sum(w["served"] for w in daemon.workers())
+
+
+def wait_for_load(daemon, before: int) -> None:
+    """Until the workers report serving more than ``before`` requests: a load started elsewhere is under way."""
+    wait_until(lambda: served(daemon) > before, message="the load to start")
 
 
 def check_all(results, requests):
@@ -148,15 +189,18 @@ def test_async_client(daemon, real_requests, direct):
     check_all(asyncio.run(run()), real_requests[:300])
 
 
-def test_async_client_when_a_worker_is_killed(daemon, real_requests):
+def test_async_client_when_a_worker_is_killed(own_daemon, real_requests):
     """What the async client had sent straight to the killed worker is re-sent through the supervisor."""
+    daemon = own_daemon
     victim = daemon.wait_ready(2)[1]["pid"]
+    before = served(daemon)
 
     async def run():
         async with AsyncRedoClient(daemon.endpoint, timeout=30) as client:
             load = asyncio.ensure_future(client.redo_many([r[:4] for r in real_requests * 2],
                                                           return_exceptions=True))
-            await asyncio.sleep(0.3)
+            while served(daemon) <= before:  # until the load is under way
+                await asyncio.sleep(0.05)
             os.kill(victim, signal.SIGKILL)
             return await load
 
@@ -176,19 +220,28 @@ def test_one_relation_stays_on_one_worker_and_a_hot_one_spills(daemon, real_requ
         for _ in range(40):
             for tag, lsn, base, records, expected in same:
                 assert client.redo(tag, lsn, base, records) == expected
-        grew = {slot: count - before[slot] for slot, count in served_counts(daemon).items()}
+        grew = served_since(daemon, before, 200)
         assert sorted(grew.values()) == [0, 200], grew  # sequential: always the relation's own worker
 
         before = served_counts(daemon)
         check_all(client.redo_many([r[:4] for r in same] * 400), same * 400)  # 64 in flight: over the bound
-        grew = {slot: count - before[slot] for slot, count in served_counts(daemon).items()}
+        grew = served_since(daemon, before, 2000)
         assert min(grew.values()) > 100, grew  # the hot relation used the whole pool
     through_supervisor.close()
 
 
 def served_counts(daemon) -> dict[int, int]:
-    time.sleep(0.5)  # served counts travel with heartbeats
     return {w["slot"]: w["served"] for w in daemon.workers()}
+
+
+def served_since(daemon, before: dict[int, int], total: int) -> dict[int, int]:
+    """Requests each slot served since ``before``, once the workers' heartbeats (which carry the counts) report
+    ``total`` of them."""
+    def grew():
+        now = served_counts(daemon)
+        return {slot: count - before[slot] for slot, count in now.items()}
+    wait_until(lambda: sum(grew().values()) >= total, message=f"{total} requests reported served")
+    return grew()
 
 
 def test_poison_request(daemon, real_requests, panicking_request):
@@ -201,8 +254,10 @@ def test_poison_request(daemon, real_requests, panicking_request):
 # --- faults under load --------------------------------------------------------------------------------------------
 
 def run_under_load(daemon, real_requests, fault, timeout=30.0, direct=True):
-    """Pipeline every request from another thread while ``fault`` happens; returns (results, seconds)."""
+    """Pipeline every request (twice) from another thread; ``fault`` happens once the load is under way. Returns the
+    results."""
     outcome = {}
+    before = served(daemon)
 
     def load():
         with RedoClient(daemon.endpoint, timeout=timeout, direct=direct) as client:
@@ -212,7 +267,7 @@ def run_under_load(daemon, real_requests, fault, timeout=30.0, direct=True):
 
     thread = threading.Thread(target=load)
     thread.start()
-    time.sleep(0.3)
+    wait_for_load(daemon, before)
     fault()
     thread.join(120)
     return outcome["results"]
@@ -228,9 +283,10 @@ def assert_answered(results, real_requests, allowed=()):
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-supervisor"])
-def test_worker_killed_under_load(daemon, real_requests, direct):
+def test_worker_killed_under_load(own_daemon, real_requests, direct):
     """Direct requests in flight on the dead worker are re-sent by the client through the supervisor; the
     supervisor's own are re-dispatched by it."""
+    daemon = own_daemon
     victim = daemon.wait_ready(2)[0]["pid"]
     resumed_after = []
 
@@ -250,16 +306,18 @@ def test_worker_killed_under_load(daemon, real_requests, direct):
     assert sum(sum(w["restarts"].values()) for w in workers) >= 1
 
 
-def test_redo_child_killed_under_load(daemon, real_requests):
+def test_redo_child_killed_under_load(own_daemon, real_requests):
+    daemon = own_daemon
     victim = daemon.wait_ready(2)[1]["child_pid"]
     results = run_under_load(daemon, real_requests, lambda: os.kill(victim, signal.SIGKILL))
     assert_answered(results, real_requests)  # a retried request lands on the warm spare
     assert victim not in [w["child_pid"] for w in daemon.wait_ready(2)]
 
 
-def test_redo_child_stopped_past_the_timeout(daemon, real_requests):
+def test_redo_child_stopped_past_the_timeout(own_daemon, real_requests):
     """The worker waits on its hung child for the request's timeout, silent; the supervisor must not take it for a
     hung worker (the direct request's deadline, sent ahead, says how long it may be silent)."""
+    daemon = own_daemon
     worker, victim = (daemon.wait_ready(2)[0][key] for key in ("pid", "child_pid"))
     os.kill(victim, signal.SIGSTOP)
     tag, lsn, base, records, expected = next(r for r in real_requests
@@ -291,8 +349,8 @@ def raw_socket(endpoint: str):
     return socket
 
 
-def directory(daemon) -> dict:
-    with raw_socket(daemon.endpoint) as socket:
+def directory(daemon, endpoint: str | None = None) -> dict:
+    with raw_socket(endpoint or daemon.endpoint) as socket:
         socket.send_multipart(protocol.encode_ping(5, protocol.KIND_DIRECTORY))
         request_id, status, body = protocol.decode_reply(socket.recv_multipart())
     assert (request_id, status) == (5, protocol.STATUS_OK)
@@ -357,6 +415,18 @@ def test_directory_lists_the_workers_direct_endpoints(daemon, real_requests):
         assert isinstance(got, InvalidRequest) and "supervisor" in str(got)
 
 
+def test_a_tcp_client_is_offered_no_direct_path(daemon, real_requests):
+    """The workers' direct endpoints are ipc sockets on this machine: a client that came in by tcp is told to send
+    everything through the supervisor, and it is served there; ipc clients still get the directory."""
+    listed = directory(daemon, daemon.tcp_endpoint)
+    assert listed["direct"] is False and listed["workers"] == []
+    assert directory(daemon)["direct"] is True
+    tag, lsn, base, records, expected = real_requests[0]
+    with RedoClient(daemon.tcp_endpoint) as client:
+        assert client.redo(tag, lsn, base, records) == expected
+        assert [w["state"] for w in client.status()["workers"]] == ["ready", "ready"]
+
+
 def test_batch_answers_each_request_on_its_own(daemon, raw, real_requests):
     """A batch (what the client sends a worker on the direct path; the supervisor hands one to a worker whole): a
     bad request in it gets its own error, the others their pages, in order."""
@@ -404,14 +474,33 @@ def test_flood_past_the_limit(daemon, real_requests):
 
 # --- operations ---------------------------------------------------------------------------------------------------
 
-def test_metrics_endpoint(daemon):
+def metrics(daemon) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'walredod_requests_total{status="ok"}' in text
-    assert "walredod_request_seconds_bucket" in text
-    assert "walredod_worker_restarts_total" in text
-    served = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("walredod_worker_requests_served{")]
-    assert len(served) == 2 and sum(served) > 0  # direct requests are counted too, from the workers' heartbeats
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_endpoint(daemon, real_requests):
+    """Requests through the supervisor are counted by outcome there; the workers' served counts (both paths) come
+    with their heartbeats. Compared with the counts before the test's own requests, whatever ran before."""
+    tag, lsn, base, records, expected = real_requests[0]
+    before = metrics(daemon)
+    with RedoClient(daemon.endpoint, direct=False) as through_supervisor:
+        for _ in range(3):
+            assert through_supervisor.redo(tag, lsn, base, records) == expected
+    for _ in range(4):
+        assert daemon.client.redo(tag, lsn, base, records) == expected  # direct
+    ok = 'walredod_requests_total{status="ok"}'
+    assert metrics(daemon)[ok] - before.get(ok, 0) == 3  # the direct ones never pass the supervisor
+
+    def served_grew():
+        now = metrics(daemon)
+        return sum(value - before.get(name, 0) for name, value in now.items()
+                   if name.startswith("walredod_worker_requests_served{")) >= 7
+    wait_until(served_grew, message="the workers' heartbeats to report 7 more requests served")
+    now = metrics(daemon)
+    assert "walredod_request_seconds_bucket{le=\"+Inf\"}" in now
+    assert len([n for n in now if n.startswith("walredod_worker_requests_served{")]) == 2
 
 
 def test_status_command(daemon):
@@ -420,7 +509,8 @@ def test_status_command(daemon):
     assert "ready" in out and "slot" in out
 
 
-def test_reload_changes_the_worker_count(daemon, real_requests):
+def test_reload_changes_the_worker_count(own_daemon, real_requests):
+    daemon = own_daemon
     daemon.write_config(3)
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_ready(3)
@@ -430,14 +520,15 @@ def test_reload_changes_the_worker_count(daemon, real_requests):
     daemon.wait_ready(2)
 
 
-def test_reload_of_a_wrong_configuration_keeps_the_running_one(daemon, real_requests):
+def test_reload_of_a_wrong_configuration_keeps_the_running_one(own_daemon, real_requests):
+    daemon = own_daemon
     daemon.config.write_text("[daemon]\nworkers = 'many'\n")
     daemon.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    wait_until(lambda: "reload refused" in daemon.log_text(), message="the reload to be refused")
+    assert "daemon.workers" in daemon.log_text()  # the log names the wrong key
     assert daemon.process.poll() is None
     daemon.wait_ready(2)
     check_all(daemon.client.redo_many([r[:4] for r in real_requests[:100]]), real_requests[:100])
-    daemon.write_config(2)
 
 
 def test_systemd_notifications(tmp_path, real_requests):
@@ -489,10 +580,10 @@ def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
     requests = real_requests[:400]
     for i, (tag, lsn, base, records, _) in enumerate(requests):
         socket.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
-    time.sleep(0.05)
-    daemon.process.send_signal(signal.SIGTERM)
     answered = {}
-    for _ in requests:
+    for n in range(len(requests)):
+        if n == 1:  # the daemon is serving what was sent: stop it now
+            daemon.process.send_signal(signal.SIGTERM)
         request_id, status, body = protocol.decode_reply(socket.recv_multipart())
         answered[request_id] = status
         if status == protocol.STATUS_OK:
@@ -502,8 +593,7 @@ def test_sigterm_answers_in_flight_and_leaves_nothing(real_requests):
     socket.close()
     assert len(answered) == len(requests)
     assert daemon.process.wait(30) == 0
-    time.sleep(1)
-    assert not postgres_pids(pids)
+    wait_until(lambda: not postgres_pids(pids), timeout=10, message="workers and redo children to end")
     assert not list(daemon.root.glob("*.sock")) and not list((daemon.root / "data" / "run").glob("*.sock"))
     daemon.client.close()
 
@@ -513,10 +603,7 @@ def test_supervisor_killed_leaves_no_process(real_requests):
     pids = {pid for w in daemon.workers() for pid in (w["pid"], w["child_pid"])}
     os.kill(daemon.process.pid, signal.SIGKILL)
     daemon.process.wait()
-    deadline = time.monotonic() + 10
-    while postgres_pids(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not postgres_pids(pids)
+    wait_until(lambda: not postgres_pids(pids), timeout=10, message="workers and redo children to die with it")
     daemon.client.close()
 
 
@@ -524,16 +611,14 @@ def test_worker_that_cannot_start_is_parked_not_restarted_in_a_loop(real_request
     daemon = Daemon(world_traversable_tmpdir("walredod-daemon-broken-"), workers=1,
                     extra_config='postgres_bin = "/bin/false"\n', wait=False)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        def parked():
             try:
                 workers = daemon.client.status(timeout=1)["workers"]
-            except Unavailable:
-                continue
-            if workers[0]["state"] == "down":
-                break
-            time.sleep(0.1)
-        assert workers[0]["state"] == "down", workers
+            except Unavailable:  # not listening yet
+                return None
+            return workers if workers[0]["state"] == "down" else None
+
+        workers = wait_until(parked, timeout=60, interval=0.1, message="the slot to be parked")
         assert sum(workers[0]["restarts"].values()) == 5  # max_failed_starts, with back-off in between
         with pytest.raises(Unavailable, match="no worker can start"):
             daemon.client.redo(*real_requests[0][:4])

@@ -32,6 +32,7 @@ OBJECT_TWOPHASE = 3  # block field: the prepared transaction's xid
 # magic, version, kind, request id, timeout ms, lsn, object kind, then the relation page tag.
 REQUEST_HEADER = struct.Struct(">2sBBQIQBBIIII")
 REPLY_HEADER = struct.Struct(">2sBBQ")  # magic, version, status, request id
+_REPLY_STATUS_OFFSET = 3
 MAX_RECORDS = 100_000
 
 STATUS_OK = 0
@@ -247,6 +248,12 @@ def encode_reply(request_id: int, page) -> list:
 def encode_error(request_id: int, error: WalredodError) -> list:
     status = STATUS_CODES.get(error.code, STATUS_CODES["internal"])
     return [b"", REPLY_HEADER.pack(MAGIC, VERSION, status, request_id), str(error).encode("utf-8", "replace")]
+
+
+def reply_status(frames: Sequence) -> int:
+    """The status of a reply given as its frames, delimiter first (bytes, buffers or ZeroMQ frames), without
+    decoding the rest."""
+    return memoryview(frames[1])[_REPLY_STATUS_OFFSET]
 
 
 def decode_reply(frames: Sequence) -> tuple[int, int, bytes]:

@@ -68,6 +68,12 @@ PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
+/*
+ * A message on the wire: a tag byte, then a big-endian u32 length counting
+ * itself and the body.
+ */
+#define MSG_LENGTH_FIELD_LEN	4
+#define MSG_HEADER_LEN			(1 + MSG_LENGTH_FIELD_LEN)
 /* Size of a block tag on the wire: forknum u8 + four u32. */
 #define WIRE_TAG_LEN	17
 /* Largest message we accept: no WAL record reaches 1GB. */
@@ -86,7 +92,7 @@ void		_PG_init(void);
 #define VM_HEAPBLOCKS_PER_PAGE \
 	((BLCKSZ - MAXALIGN(SizeOfPageHeaderData)) * (BITS_PER_BYTE / 2))
 
-/* GUC: serve the protocol on stdin/stdout; keeps the module inert elsewhere. */
+/* GUC: serve the protocol on stdin/stdout; the module is inert otherwise. */
 static bool walredod_serve = false;
 
 /* The block the current request rebuilds. */
@@ -190,14 +196,16 @@ open_scratch_rel(RelFileNode rnode)
 static void
 prepare_scratch_relations(void)
 {
-	char	   *dbpath = GetDatabasePath(SCRATCH_DB_OID, DEFAULTTABLESPACE_OID);
+	char	   *dbpath = GetDatabasePath(SCRATCH_DB_OID,
+										 DEFAULTTABLESPACE_OID);
 
 	if (access(dbpath, F_OK) == 0)
 		rmtree(dbpath, true);
 	if (MakePGDirectory(dbpath) < 0 && errno != EEXIST)
 		ereport(ERROR,
 				(errcode_for_file_access(),
-				 errmsg("walredod: could not create directory \"%s\": %m", dbpath)));
+				 errmsg("walredod: could not create directory \"%s\": %m",
+						dbpath)));
 
 	scratch_rnode.spcNode = DEFAULTTABLESPACE_OID;
 	scratch_rnode.dbNode = SCRATCH_DB_OID;
@@ -210,7 +218,8 @@ prepare_scratch_relations(void)
 
 	for (int i = -1; i < NUM_DUMMY_RELS; i++)
 	{
-		SMgrRelation reln = open_scratch_rel(i < 0 ? scratch_rnode : dummy_rnodes[i]);
+		RelFileNode rnode = i < 0 ? scratch_rnode : dummy_rnodes[i];
+		SMgrRelation reln = open_scratch_rel(rnode);
 
 		for (int fork = 0; fork <= MAX_FORKNUM; fork++)
 			smgrcreate(reln, fork, true);
@@ -272,7 +281,8 @@ finish_request(void)
 
 	if (pgBufferUsage.shared_blks_written != blocks_written_at_start)
 		ereport(ERROR,
-				(errmsg("walredod: a buffer was written to disk during redo; refusing to continue")));
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("walredod: a buffer was written to disk during redo; refusing to continue")));
 
 	/*
 	 * Redo must not write WAL of its own: with wal_log_hints on, a hint-bit
@@ -281,7 +291,8 @@ finish_request(void)
 	 */
 	if (GetXLogInsertRecPtr() != wal_insert_at_start)
 		ereport(ERROR,
-				(errmsg("walredod: redo wrote WAL into the scratch cluster; refusing to continue")));
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("walredod: redo wrote WAL into the scratch cluster; refusing to continue")));
 }
 
 /*
@@ -299,7 +310,8 @@ load_applied_page(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 	Buffer		buf;
 	Page		page;
 
-	buf = ReadBufferWithoutRelcache(rnode, fork, blkno, RBM_ZERO_AND_LOCK, NULL, true);
+	buf = ReadBufferWithoutRelcache(rnode, fork, blkno, RBM_ZERO_AND_LOCK,
+									NULL, true);
 	page = BufferGetPage(buf);
 	PageInit(page, BLCKSZ, 0);
 	PageSetLSN(page, PG_UINT64_MAX);
@@ -309,14 +321,16 @@ load_applied_page(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 
 /* Parse a wire block tag into the client's relation, fork and block. */
 static void
-parse_tag(const char *p, RelFileNode *rnode, ForkNumber *fork, BlockNumber *blkno)
+parse_tag(const char *p, RelFileNode *rnode, ForkNumber *fork,
+		  BlockNumber *blkno)
 {
 	uint8		forknum = (uint8) p[0];
 
 	if (forknum > MAX_FORKNUM)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: invalid fork number %u in block tag", forknum)));
+				 errmsg("walredod: invalid fork number %u in block tag",
+						forknum)));
 	*fork = (ForkNumber) forknum;
 	rnode->spcNode = get_u32(p + 1);
 	rnode->dbNode = get_u32(p + 5);
@@ -324,13 +338,15 @@ parse_tag(const char *p, RelFileNode *rnode, ForkNumber *fork, BlockNumber *blkn
 	*blkno = get_u32(p + 13);
 
 	/*
-	 * Our relations claim MaxBlockNumber blocks (see prepare_scratch_relations),
-	 * so only blocks below it are inside them; PostgreSQL never uses it either.
+	 * Our relations claim MaxBlockNumber blocks (see
+	 * prepare_scratch_relations), so only blocks below it are inside them;
+	 * PostgreSQL never uses it either.
 	 */
 	if (*blkno >= MaxBlockNumber)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("walredod: block number %u in block tag is not below %u", *blkno, MaxBlockNumber)));
+				 errmsg("walredod: block number %u in block tag is not below %u",
+						*blkno, MaxBlockNumber)));
 }
 
 static bool
@@ -351,15 +367,19 @@ check_tag_is_target(const char *p, char msgtype)
 	if (!target.active)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: '%c' message before any 'B' message", msgtype)));
+				 errmsg("walredod: '%c' message before any 'B' message",
+						msgtype)));
 	parse_tag(p, &rnode, &fork, &blkno);
 	if (!is_target(rnode, fork, blkno))
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
 				 errmsg("walredod: '%c' message names block %u/%u/%u fork %d blk %u, but redo began for %u/%u/%u fork %d blk %u",
-						msgtype, rnode.spcNode, rnode.dbNode, rnode.relNode, fork, blkno,
-						target.client_rnode.spcNode, target.client_rnode.dbNode,
-						target.client_rnode.relNode, target.client_fork, target.blkno)));
+						msgtype, rnode.spcNode, rnode.dbNode, rnode.relNode,
+						fork, blkno,
+						target.client_rnode.spcNode,
+						target.client_rnode.dbNode,
+						target.client_rnode.relNode,
+						target.client_fork, target.blkno)));
 }
 
 /* 'B': start rebuilding a block; it exists as zeros until a 'P' fills it. */
@@ -371,7 +391,8 @@ begin_redo(const char *body, uint32 len)
 	if (len != WIRE_TAG_LEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: 'B' message body is %u bytes, expected %d", len, WIRE_TAG_LEN)));
+				 errmsg("walredod: 'B' message body is %u bytes, expected %d",
+						len, WIRE_TAG_LEN)));
 
 	/* A request the client abandoned without 'G' ends here. */
 	if (target.active)
@@ -379,7 +400,8 @@ begin_redo(const char *body, uint32 len)
 
 	parse_tag(body, &target.client_rnode, &target.client_fork, &target.blkno);
 	/* Init forks would be flushed at once by redo; keep them in main. */
-	target.fork = target.client_fork == INIT_FORKNUM ? MAIN_FORKNUM : target.client_fork;
+	target.fork = target.client_fork == INIT_FORKNUM ?
+		MAIN_FORKNUM : target.client_fork;
 	target.active = true;
 	request_in_progress = true;
 	if (cpu_at_first_request_ns == 0)
@@ -454,7 +476,8 @@ check_record_kind(XLogRecord *rec)
 						GetRmgr(rec->xl_rmid).rm_name, rec->xl_info)));
 	ereport(ERROR,
 			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-			 errmsg("walredod: record has unknown resource manager id %u", rec->xl_rmid)));
+			 errmsg("walredod: record has unknown resource manager id %u",
+					rec->xl_rmid)));
 }
 
 /*
@@ -506,8 +529,10 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("walredod: %s record does not reference the target block %u/%u/%u fork %d blk %u",
 						GetRmgr(decoded->header.xl_rmid).rm_name,
-						target.client_rnode.spcNode, target.client_rnode.dbNode,
-						target.client_rnode.relNode, target.client_fork, target.blkno)));
+						target.client_rnode.spcNode,
+						target.client_rnode.dbNode,
+						target.client_rnode.relNode,
+						target.client_fork, target.blkno)));
 
 	for (int id = 0; id <= decoded->max_block_id; id++)
 	{
@@ -546,7 +571,8 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 
 		open_scratch_rel(blk->rnode);
 		if ((blk->flags & BKPBLOCK_WILL_INIT) == 0 && !blk->apply_image)
-			blk->prefetch_buffer = load_applied_page(blk->rnode, blk->forknum, blk->blkno);
+			blk->prefetch_buffer = load_applied_page(blk->rnode, blk->forknum,
+													 blk->blkno);
 	}
 	return nused;
 }
@@ -555,7 +581,8 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 static Buffer
 pin_target(void)
 {
-	if (ReadRecentBuffer(scratch_rnode, target.fork, target.blkno, target.buffer))
+	if (ReadRecentBuffer(scratch_rnode, target.fork, target.blkno,
+						 target.buffer))
 		return target.buffer;
 	return ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
 									 RBM_NORMAL_NO_LOG, NULL, true);
@@ -584,7 +611,8 @@ visible_needs_lsn_stamp(XLogRecPtr end_lsn)
 	heap_block = &decoded->blocks[1];
 	if (!heap_block->in_use || heap_block->apply_image ||
 		!RelFileNodeEquals(heap_block->rnode, scratch_rnode) ||
-		heap_block->forknum != target.fork || heap_block->blkno != target.blkno)
+		heap_block->forknum != target.fork ||
+		heap_block->blkno != target.blkno)
 		return false;
 
 	buf = pin_target();
@@ -605,21 +633,18 @@ stamp_target_lsn(XLogRecPtr end_lsn)
 	UnlockReleaseBuffer(buf);
 }
 
-/* 'A': verify, decode and replay one record against the target. */
-static void
-apply_record(const char *body, uint32 len)
+/*
+ * Check an 'A' message: its length, the record's own length and CRC, and that
+ * the record's kind changes relation pages.  Returns the record (in place, it
+ * may be unaligned) and sets its end LSN and length.
+ */
+static XLogRecord *
+check_record_message(const char *body, uint32 len, XLogRecPtr *end_lsn,
+					 uint32 *rec_len)
 {
 	XLogRecord *rec;
-	XLogRecPtr	end_lsn;
-	uint32		rec_len;
+	XLogRecord	hdr;
 	pg_crc32c	crc;
-	char	   *errormsg = NULL;
-	RelFileNode used[NUM_DUMMY_RELS];
-	bool		scratch_main_used;
-	bool		stamp_lsn;
-	int			nused;
-	size_t		needed;
-	MemoryContext oldcontext;
 
 	if (!target.active)
 		ereport(ERROR,
@@ -628,45 +653,65 @@ apply_record(const char *body, uint32 len)
 	if (len < sizeof(uint64) + SizeOfXLogRecord)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: 'A' message body is %u bytes, too short for an LSN and a record header", len)));
+				 errmsg("walredod: 'A' message body is %u bytes, too short for an LSN and a record header",
+						len)));
 
-	end_lsn = get_u64(body);
-	rec_len = len - sizeof(uint64);
+	*end_lsn = get_u64(body);
+	*rec_len = len - sizeof(uint64);
+	rec = (XLogRecord *) (body + sizeof(uint64));
 
 	/* The record may sit unaligned in our input buffer; copy the header. */
-	rec = (XLogRecord *) (body + sizeof(uint64));
-	{
-		XLogRecord	hdr;
+	memcpy(&hdr, rec, SizeOfXLogRecord);
+	if (hdr.xl_tot_len != *rec_len)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: record at end LSN %X/%X has xl_tot_len %u but the message carries %u bytes",
+						LSN_FORMAT_ARGS(*end_lsn), hdr.xl_tot_len, *rec_len)));
 
-		memcpy(&hdr, rec, SizeOfXLogRecord);
-		if (hdr.xl_tot_len != rec_len)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("walredod: record at end LSN %X/%X has xl_tot_len %u but the message carries %u bytes",
-							LSN_FORMAT_ARGS(end_lsn), hdr.xl_tot_len, rec_len)));
+	INIT_CRC32C(crc);
+	COMP_CRC32C(crc, ((char *) rec) + SizeOfXLogRecord,
+				*rec_len - SizeOfXLogRecord);
+	COMP_CRC32C(crc, (char *) &hdr, offsetof(XLogRecord, xl_crc));
+	FIN_CRC32C(crc);
+	if (!EQ_CRC32C(hdr.xl_crc, crc))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: record at end LSN %X/%X fails its CRC check (stored %08X, computed %08X)",
+						LSN_FORMAT_ARGS(*end_lsn), hdr.xl_crc, crc)));
+	check_record_kind(&hdr);
+	return rec;
+}
 
-		INIT_CRC32C(crc);
-		COMP_CRC32C(crc, ((char *) rec) + SizeOfXLogRecord, rec_len - SizeOfXLogRecord);
-		COMP_CRC32C(crc, (char *) &hdr, offsetof(XLogRecord, xl_crc));
-		FIN_CRC32C(crc);
-		if (!EQ_CRC32C(hdr.xl_crc, crc))
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("walredod: record at end LSN %X/%X fails its CRC check (stored %08X, computed %08X)",
-							LSN_FORMAT_ARGS(end_lsn), hdr.xl_crc, crc)));
-		check_record_kind(&hdr);
-	}
+/* Make the decode buffer large enough for a record of 'rec_len' bytes. */
+static void
+reserve_decode_space(uint32 rec_len)
+{
+	size_t		needed = DecodeXLogRecordRequiredSpace(rec_len);
 
-	needed = DecodeXLogRecordRequiredSpace(rec_len);
-	if (needed > decoded_size)
-	{
-		decoded = (DecodedXLogRecord *) MemoryContextAllocHuge(TopMemoryContext, needed);
-		decoded_size = needed;
-	}
+	if (needed <= decoded_size)
+		return;
+	pfree(decoded);
+	decoded = (DecodedXLogRecord *) MemoryContextAllocHuge(TopMemoryContext,
+														   needed);
+	decoded_size = needed;
+}
+
+/*
+ * Decode a checked record into 'decoded' and make it the reader's current
+ * record.  Redo only uses the end position (EndRecPtr); the start is unknown
+ * to us and is set to the same value.
+ */
+static void
+decode_record(XLogRecord *rec, uint32 rec_len, XLogRecPtr end_lsn)
+{
+	char	   *errormsg = NULL;
+
+	reserve_decode_space(rec_len);
 
 	/*
 	 * DecodeXLogRecord copies what it keeps, but reads the record in place;
-	 * give it an aligned copy when the input buffer did not.
+	 * give it an aligned copy when the input buffer did not.  The copy lives
+	 * in redo_context, reset once the record is replayed.
 	 */
 	if (((uintptr_t) rec) % MAXIMUM_ALIGNOF != 0)
 	{
@@ -676,22 +721,24 @@ apply_record(const char *body, uint32 len)
 		rec = (XLogRecord *) aligned;
 	}
 
-	/*
-	 * Redo only uses the end position (EndRecPtr); the start is unknown to us
-	 * and is set to the same value.
-	 */
 	if (!DecodeXLogRecord(reader, decoded, rec, end_lsn, &errormsg))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X is malformed: %s",
-						LSN_FORMAT_ARGS(end_lsn), errormsg ? errormsg : "unknown error")));
+						LSN_FORMAT_ARGS(end_lsn),
+						errormsg ? errormsg : "unknown error")));
 	decoded->next_lsn = end_lsn;
 	reader->record = decoded;
 	reader->ReadRecPtr = end_lsn;
 	reader->EndRecPtr = end_lsn;
+}
 
-	nused = remap_blocks(used, &scratch_main_used);
-	stamp_lsn = visible_needs_lsn_stamp(end_lsn);
+/* Run the resource manager's redo on the decoded, remapped record. */
+static void
+replay_record(XLogRecPtr end_lsn)
+{
+	bool		stamp_lsn = visible_needs_lsn_stamp(end_lsn);
+	MemoryContext oldcontext;
 
 	oldcontext = MemoryContextSwitchTo(redo_context);
 	GetRmgr(decoded->header.xl_rmid).rm_redo(reader);
@@ -699,11 +746,15 @@ apply_record(const char *body, uint32 len)
 	MemoryContextReset(redo_context);
 	if (stamp_lsn)
 		stamp_target_lsn(end_lsn);
+}
 
-	/*
-	 * Pages of other blocks must not outlive the record: a stale one would
-	 * answer the next record's reads with content of this one.
-	 */
+/*
+ * Pages of other blocks must not outlive the record: a stale one would answer
+ * the next record's reads with content of this one.
+ */
+static void
+release_record_blocks(RelFileNode *used, int nused, bool scratch_main_used)
+{
 	if (nused > 0)
 		drop_relations(used, nused);
 	if (scratch_main_used)
@@ -712,6 +763,24 @@ apply_record(const char *body, uint32 len)
 		drop_scratch_fork(FSM_FORKNUM);
 	}
 	reader->record = NULL;
+}
+
+/* 'A': verify, decode and replay one record against the target. */
+static void
+apply_record(const char *body, uint32 len)
+{
+	XLogRecord *rec;
+	XLogRecPtr	end_lsn;
+	uint32		rec_len;
+	RelFileNode used[NUM_DUMMY_RELS];
+	bool		scratch_main_used;
+	int			nused;
+
+	rec = check_record_message(body, len, &end_lsn, &rec_len);
+	decode_record(rec, rec_len, end_lsn);
+	nused = remap_blocks(used, &scratch_main_used);
+	replay_record(end_lsn);
+	release_record_blocks(used, nused, scratch_main_used);
 	stat_records++;
 }
 
@@ -746,7 +815,8 @@ get_page(const char *body, uint32 len)
 	if (len != WIRE_TAG_LEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: 'G' message body is %u bytes, expected %d", len, WIRE_TAG_LEN)));
+				 errmsg("walredod: 'G' message body is %u bytes, expected %d",
+						len, WIRE_TAG_LEN)));
 	check_tag_is_target(body, 'G');
 
 	buf = pin_target();
@@ -758,6 +828,21 @@ get_page(const char *body, uint32 len)
 	finish_request();
 
 	stat_requests++;
+}
+
+/* 'H': reply with a page of zeros. */
+static void
+ping(uint32 len)
+{
+	PGAlignedBlock zeros;
+
+	if (len != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'H' message has a %u-byte body, expected none",
+						len)));
+	MemSet(zeros.data, 0, BLCKSZ);
+	write_reply(zeros.data);
 }
 
 /*
@@ -779,7 +864,9 @@ fill_input(size_t want, bool at_message_start)
 			if (want > inbuf_size)
 			{
 				size_t		newsize = Max(inbuf_size * 2, want);
-				char	   *newbuf = MemoryContextAllocHuge(TopMemoryContext, newsize);
+				char	   *newbuf;
+
+				newbuf = MemoryContextAllocHuge(TopMemoryContext, newsize);
 
 				memcpy(newbuf, inbuf + inbuf_start, have);
 				pfree(inbuf);
@@ -817,11 +904,17 @@ fill_input(size_t want, bool at_message_start)
 static void
 exit_on_eof(void)
 {
+	uint64		cpu_ns = 0;
+
 	if (target.active)
 		finish_request();
-	fprintf(stderr, "walredod: served %llu requests, %llu records, %llu ns of CPU time\n",
-			(unsigned long long) stat_requests, (unsigned long long) stat_records,
-			(unsigned long long) (cpu_at_first_request_ns ? cpu_time_ns() - cpu_at_first_request_ns : 0));
+	if (cpu_at_first_request_ns != 0)
+		cpu_ns = cpu_time_ns() - cpu_at_first_request_ns;
+	fprintf(stderr,
+			"walredod: served %llu requests, %llu records, %llu ns of CPU time\n",
+			(unsigned long long) stat_requests,
+			(unsigned long long) stat_records,
+			(unsigned long long) cpu_ns);
 	InRecovery = false;
 	proc_exit(0);
 }
@@ -836,17 +929,18 @@ serve(void)
 		uint32		bodylen;
 		const char *body;
 
-		if (!fill_input(5, true))
+		if (!fill_input(MSG_HEADER_LEN, true))
 			exit_on_eof();
 		msgtype = inbuf[inbuf_start];
 		msglen = get_u32(inbuf + inbuf_start + 1);
-		if (msglen < 4 || msglen > MAX_MESSAGE_LEN)
+		if (msglen < MSG_LENGTH_FIELD_LEN || msglen > MAX_MESSAGE_LEN)
 			ereport(ERROR,
 					(errcode(ERRCODE_PROTOCOL_VIOLATION),
-					 errmsg("walredod: message '%c' has invalid length %u", msgtype, msglen)));
-		bodylen = msglen - 4;
-		fill_input(5 + (size_t) bodylen, false);
-		body = inbuf + inbuf_start + 5;
+					 errmsg("walredod: message '%c' has invalid length %u",
+							msgtype, msglen)));
+		bodylen = msglen - MSG_LENGTH_FIELD_LEN;
+		fill_input(MSG_HEADER_LEN + (size_t) bodylen, false);
+		body = inbuf + inbuf_start + MSG_HEADER_LEN;
 
 		switch (msgtype)
 		{
@@ -863,23 +957,15 @@ serve(void)
 				get_page(body, bodylen);
 				break;
 			case 'H':
-				{
-					PGAlignedBlock zeros;
-
-					if (bodylen != 0)
-						ereport(ERROR,
-								(errcode(ERRCODE_PROTOCOL_VIOLATION),
-								 errmsg("walredod: 'H' message has a %u-byte body, expected none", bodylen)));
-					MemSet(zeros.data, 0, BLCKSZ);
-					write_reply(zeros.data);
-				}
+				ping(bodylen);
 				break;
 			default:
 				ereport(ERROR,
 						(errcode(ERRCODE_PROTOCOL_VIOLATION),
-						 errmsg("walredod: unknown message type 0x%02X", (unsigned char) msgtype)));
+						 errmsg("walredod: unknown message type 0x%02X",
+								(unsigned char) msgtype)));
 		}
-		inbuf_start += 5 + (size_t) bodylen;
+		inbuf_start += MSG_HEADER_LEN + (size_t) bodylen;
 	}
 }
 
@@ -897,14 +983,16 @@ skip_shutdown_if_busy(int code, Datum arg)
 	}
 }
 
-/* Put the backend into the state redo expects, then serve forever. */
+/*
+ * Replies go to the original stdout; stray prints go to stderr.  The parent
+ * stops us with SIGKILL or by closing stdin; SIGINT from a terminal belongs
+ * to the parent.  A dying child must not dump core, nor checkpoint.
+ */
 static void
-take_over(void)
+detach_from_terminal(void)
 {
 	struct rlimit no_core = {0, 0};
-	ResourceOwner owner;
 
-	/* Replies go to the original stdout; stray prints go to stderr. */
 	fflush(stdout);
 	reply_fd = dup(STDOUT_FILENO);
 	if (reply_fd < 0 || dup2(STDERR_FILENO, STDOUT_FILENO) < 0)
@@ -912,10 +1000,6 @@ take_over(void)
 				(errcode_for_file_access(),
 				 errmsg("walredod: could not redirect stdout: %m")));
 
-	/*
-	 * The parent stops us with SIGKILL or by closing stdin; SIGINT from a
-	 * terminal belongs to the parent.  A dying child must not dump core.
-	 */
 	pqsignal(SIGINT, SIG_IGN);
 	pqsignal(SIGHUP, SIG_IGN);
 	pqsignal(SIGTERM, SIG_DFL);
@@ -923,9 +1007,13 @@ take_over(void)
 	setrlimit(RLIMIT_CORE, &no_core);
 
 	before_shmem_exit(skip_shutdown_if_busy, 0);
+}
 
-	owner = ResourceOwnerCreate(NULL, "walredod");
-	CurrentResourceOwner = owner;
+/* Allocate what serving requests needs for the life of the process. */
+static void
+allocate_serving_state(void)
+{
+	CurrentResourceOwner = ResourceOwnerCreate(NULL, "walredod");
 	redo_context = AllocSetContextCreate(TopMemoryContext, "walredod record",
 										 ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(TopMemoryContext);
@@ -937,19 +1025,34 @@ take_over(void)
 	reader = XLogReaderAllocate(wal_segment_size, NULL,
 								XL_ROUTINE(.page_read = NULL), NULL);
 	if (reader == NULL)
-		ereport(FATAL, (errmsg("walredod: out of memory allocating a WAL reader")));
+		ereport(FATAL,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("walredod: out of memory allocating a WAL reader")));
 	decoded_size = DecodeXLogRecordRequiredSpace(BLCKSZ * 4);
 	decoded = MemoryContextAllocHuge(TopMemoryContext, decoded_size);
+}
 
-	/*
-	 * Recovery state: InRecovery makes smgr trust our cached sizes and md
-	 * zero-fill reads past EOF; without reachedConsistency a skipped block is
-	 * remembered instead of being a PANIC; no hot standby conflicts.
-	 */
+/*
+ * Recovery state: InRecovery makes smgr trust our cached sizes and md
+ * zero-fill reads past EOF; without reachedConsistency a skipped block is
+ * remembered instead of being a PANIC; no hot standby conflicts.
+ */
+static void
+enter_recovery(void)
+{
 	InRecovery = true;
 	reachedConsistency = false;
 	standbyState = STANDBY_DISABLED;
 	RmgrStartup();
+}
+
+/* Put the backend into the state redo expects, then serve forever. */
+static void
+take_over(void)
+{
+	detach_from_terminal();
+	allocate_serving_state();
+	enter_recovery();
 
 	PG_TRY();
 	{
@@ -989,10 +1092,13 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	MarkGUCPrefixReserved("walredod");
+
 	if (!walredod_serve)
 		return;
 	if (IsUnderPostmaster)
 		ereport(FATAL,
-				(errmsg("walredod.serve requires a single-user backend (postgres --single)")));
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("walredod.serve requires a single-user backend (postgres --single)")));
 	take_over();
 }

@@ -7,12 +7,9 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import json
-
 import zmq
 
 from walredod import protocol
-from walredod.client.directory import WorkerDirectory
 from walredod.config import ConfigError, load_settings
 from walredod.errors import InvalidRequest, UnsupportedVersion
 from walredod.daemon.routing import Router, rank_slots
@@ -79,42 +76,6 @@ def test_send_frames_keeps_every_frame(tmp_path):
     protocol.send_frames(sender, frames)
     assert receiver.poll(5000)
     assert receiver.recv_multipart() == [bytes(f) for f in frames]
-    context.destroy(linger=0)
-
-
-def directory_body(workers, direct=True, spill_factor=0.25):
-    return json.dumps({"direct": direct, "spill_factor": spill_factor, "workers": [
-        {"slot": slot, "pid": pid, "endpoint": f"ipc:///tmp/w-{slot}.sock", "ready": ready}
-        for slot, pid, ready in workers]}).encode()
-
-
-def test_worker_directory_routes_like_the_supervisor_and_notices_replaced_workers():
-    context = zmq.Context()
-    directory = WorkerDirectory(context)
-    assert directory.stale() and not directory.usable()
-    directory.update(directory_body([(0, 100, True), (1, 101, True), (2, 102, False)]))
-    assert directory.usable() and not directory.stale()
-    key = (1663, 5, 16384)
-    first = directory.choose(key)
-    assert first.slot == rank_slots(key, [0, 1])[0]  # the supervisor's ranking over the ready slots
-    # Bounded load over this client's own requests in flight: the hot relation spills to the other worker.
-    chosen = [directory.choose(key) for _ in range(20)]
-    assert {w.slot for w in chosen} == {0, 1}
-    for worker in [first, *chosen]:
-        directory.release(worker)
-    # Same pid: the same worker. New pid (a restart) or not ready (retiring): requests to it are to be re-sent.
-    directory.update(directory_body([(0, 100, True), (1, 201, True)]))
-    assert directory.still_serving(first) == (first.slot == 0)
-    directory.update(directory_body([(0, 100, False), (1, 201, True)]))
-    assert not any(directory.still_serving(w) for w in chosen if w.slot == 0)
-    assert directory.choose(key).slot == 1
-    directory.update(directory_body([(0, 100, True)], direct=False))
-    assert not directory.usable()
-    with pytest.raises(ValueError):
-        directory.update(b"not json")
-    directory.clear()
-    assert not directory.usable()
-    directory.close()
     context.destroy(linger=0)
 
 

@@ -1,0 +1,213 @@
+"""How a client reaches the supervisor and the workers: its connections, one per endpoint, for both shells.
+
+Connections are set up in one place (``connect_dealer``), so that what every connection needs (socket options,
+security) is added once. A *link* carries client-protocol messages (lists of frames, delimiter first) to one
+destination and hands back the replies it reads:
+
+- sync links: ``send(frames)``, ``pollable`` (what zmq.Poller waits on: a ZeroMQ socket or a file descriptor) and
+  ``drain()`` (every reply already there, without blocking);
+- async links: ``send(frames)`` (never blocks the event loop) and ``start(on_reply)`` (a reader task that feeds
+  each reply to ``on_reply``).
+
+``Links`` / ``AsyncLinks`` hold one client's links: the supervisor's, and one per worker, made by
+``open_link(worker)`` when a request first goes there and kept by the worker's endpoint (a slot keeps its endpoint
+across restarts; a ZeroMQ DEALER reconnects by itself). This is the seam for another transport: ``open_link``
+reads the worker's directory entry (``DirectWorker.listing``) and returns the link that reaches it best, and
+``link.serves(worker)`` says whether a cached link still reaches the worker now listed there (a link to one
+process, not to an endpoint, answers False for a new pid, and is replaced). The routing core
+(walredod.client.core) is not touched by a new transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import zmq
+import zmq.asyncio
+
+from walredod import protocol
+from walredod.client.directory import DirectWorker
+
+log = logging.getLogger(__name__)
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
+_POLLIN = int(zmq.POLLIN)
+
+
+def connect_dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A DEALER connected to ``endpoint``: every client connection, to the supervisor or a worker, is made here."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)  # replies are never dropped on our side
+    sock.connect(endpoint)
+    return sock
+
+
+def direct_path_reachable(endpoint: str) -> bool:
+    """Whether a client of ``endpoint`` can reach the workers' own endpoints: they are ipc://, on this machine."""
+    return endpoint.startswith("ipc://")
+
+
+# --- sync ---------------------------------------------------------------------------------------------------------
+
+class ZmqLink:
+    """A DEALER to one endpoint."""
+
+    __slots__ = ("endpoint", "socket", "pollable")
+
+    def __init__(self, context: zmq.Context, endpoint: str):
+        self.endpoint = endpoint
+        self.socket = self.pollable = connect_dealer(context, endpoint)
+
+    def serves(self, worker: DirectWorker) -> bool:
+        return worker.endpoint == self.endpoint
+
+    def send(self, frames: list) -> None:
+        protocol.send_frames(self.socket, frames)
+
+    def drain(self, limit: int = 256) -> list[list]:
+        """Every reply already waiting (at most ``limit``), without blocking."""
+        recv = self.socket.recv_multipart
+        replies = []
+        for _ in range(limit):
+            try:
+                replies.append(recv(_NOBLOCK))
+            except zmq.Again:
+                break
+        return replies
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def open_link(context: zmq.Context, worker: DirectWorker) -> ZmqLink:
+    """The link to a listed worker (the only transport today: its ZeroMQ endpoint)."""
+    return ZmqLink(context, worker.endpoint)
+
+
+class Links:
+    """A sync client's links: the supervisor's and the workers', and waiting on all of them at once."""
+
+    def __init__(self, context: zmq.Context, endpoint: str):
+        self._context = context
+        self._endpoint = endpoint
+        self._workers: dict[str, ZmqLink] = {}  # by the worker's endpoint
+        self._poller = zmq.Poller()
+        self._by_pollable: dict = {}
+        self.supervisor = self._add(ZmqLink(context, endpoint))
+
+    def _add(self, link):
+        self._poller.register(link.pollable, _POLLIN)
+        self._by_pollable[link.pollable] = link
+        return link
+
+    def _remove(self, link) -> None:
+        self._poller.unregister(link.pollable)
+        del self._by_pollable[link.pollable]
+        link.close()
+
+    def to(self, worker: DirectWorker | None):
+        """The link to a worker (None: the supervisor), opened on first use."""
+        if worker is None:
+            return self.supervisor
+        link = self._workers.get(worker.endpoint)
+        if link is None or not link.serves(worker):
+            if link is not None:
+                self._remove(link)
+            link = self._workers[worker.endpoint] = self._add(open_link(self._context, worker))
+        return link
+
+    def wait(self, timeout: float) -> list[list]:
+        """The replies that arrive within ``timeout`` seconds, from every link (none when time runs out)."""
+        ready = self._poller.poll(timeout * 1000)
+        if not ready:
+            return []
+        by_pollable = self._by_pollable
+        if len(ready) == 1:
+            return by_pollable[ready[0][0]].drain()
+        return [reply for pollable, _event in ready for reply in by_pollable[pollable].drain()]
+
+    def reset(self) -> None:
+        """Close every link and open the supervisor's again: replies still under way are lost, not read later, and
+        messages queued for a peer that is gone are dropped."""
+        self.close()
+        self._poller = zmq.Poller()
+        self.supervisor = self._add(ZmqLink(self._context, self._endpoint))
+
+    def close(self) -> None:
+        for link in list(self._by_pollable.values()):
+            self._remove(link)
+        self._workers.clear()
+
+
+# --- asyncio ------------------------------------------------------------------------------------------------------
+
+class AsyncZmqLink:
+    """A DEALER to one endpoint, for the asyncio client: sends never block the loop, a task reads the replies."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
+        self.endpoint = endpoint
+        self.socket = connect_dealer(context, endpoint)
+        self._reader = None
+
+    def serves(self, worker: DirectWorker) -> bool:
+        return worker.endpoint == self.endpoint
+
+    def send(self, frames: list) -> None:
+        sent = self.socket.send_multipart(frames)  # sent at once unless the socket is full; queued in order then
+        if not sent.done():
+            sent.add_done_callback(_log_send_failure)
+
+    def start(self, on_reply) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read(on_reply))
+
+    async def _read(self, on_reply) -> None:
+        recv = self.socket.recv_multipart
+        while True:
+            frames = await recv()
+            try:
+                on_reply(frames)
+            except Exception:  # a malformed reply: it answers nothing; every request still gets its timeout
+                log.exception("reply from %s dropped", self.endpoint)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.socket.close(linger=0)
+
+
+def _log_send_failure(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a message was not sent: %s (its requests will time out or be re-sent)", future.exception())
+
+
+def open_async_link(context: zmq.asyncio.Context, worker: DirectWorker) -> AsyncZmqLink:
+    return AsyncZmqLink(context, worker.endpoint)
+
+
+class AsyncLinks:
+    """An asyncio client's links; each reads its replies into ``on_reply``."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, on_reply):
+        self._context = context
+        self._on_reply = on_reply
+        self._workers: dict[str, AsyncZmqLink] = {}
+        self.supervisor = AsyncZmqLink(context, endpoint)
+
+    def to(self, worker: DirectWorker | None):
+        if worker is None:
+            link = self.supervisor
+        else:
+            link = self._workers.get(worker.endpoint)
+            if link is None or not link.serves(worker):
+                if link is not None:
+                    link.close()
+                link = self._workers[worker.endpoint] = open_async_link(self._context, worker)
+        link.start(self._on_reply)
+        return link
+
+    def close(self) -> None:
+        for link in (self.supervisor, *self._workers.values()):
+            link.close()
+        self._workers.clear()

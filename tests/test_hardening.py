@@ -1,6 +1,6 @@
-"""The daemon against its own operators' mistakes and other local users (issue 14, items 3, 5 and 6):
-configuration that names what is not there, a second daemon on a live endpoint, stale socket files, and who may
-connect to the ipc sockets."""
+"""The daemon against its operators' mistakes, other local users and hostile clients (issue 14, items 2-6):
+configuration that names what is not there, a second daemon on a live endpoint, stale socket files, who may connect
+(ipc socket group and mode, CURVE on tcp), a process posing as a worker, and clients that flood or never read."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 import zmq
 
 from conftest import world_traversable_tmpdir
-from test_daemon import Daemon, free_tcp_port
+from test_daemon import Daemon, free_tcp_port, wait_until
+from walredod import protocol
 from walredod.client import RedoClient
 from walredod.config import EngineSettings, Settings
 from walredod.daemon import endpoints, preflight
@@ -38,9 +39,18 @@ class DaemonWith(Daemon):
         super().__init__(root, **kwargs)
 
     def write_config(self, workers: int) -> None:
+        """The base configuration with our [daemon] lines: a key it has already is replaced."""
         super().write_config(workers)
-        text = self.config.read_text().replace("[daemon]\n", f"[daemon]\n{self.daemon_settings}", 1)
-        self.config.write_text(text)
+        lines = self.config.read_text().splitlines()
+        section = lines.index("[daemon]")
+        for line in self.daemon_settings.splitlines():
+            key = line.split("=", 1)[0].strip()
+            same = [i for i, old in enumerate(lines) if old.split("=", 1)[0].strip() == key]
+            if same:
+                lines[same[0]] = line
+            else:
+                lines.insert(section + 1, line)
+        self.config.write_text("\n".join(lines) + "\n")
 
 
 def stale_socket(path: Path) -> None:
@@ -200,7 +210,7 @@ def test_taken_tcp_port_is_refused_and_nothing_is_left():
     try:
         config = root / "walredod.toml"
         config.write_text(f'[daemon]\nworkers = 1\nendpoints = ["ipc://{root}/walredod.sock", '
-                          f'"tcp://127.0.0.1:{port}"]\n[engine]\ndata_dir = "{root / "data"}"\n')
+                          f'"tcp://127.0.0.1:{port}"]\nallow_plain_tcp = true\n[engine]\ndata_dir = "{root / "data"}"\n')
         result = walredod("serve", "--config", str(config))
         assert result.returncode == 1
         assert f"tcp://127.0.0.1:{port}: the address is in use" in result.stderr, result.stderr
@@ -325,3 +335,180 @@ def test_client_says_why_when_nobody_answers(tmp_path):
     with RedoClient(f"ipc://{tmp_path}/absent.sock", timeout=0.5) as client:
         with pytest.raises(Unavailable, match="no socket at"):
             client.ping(timeout=0.5)
+
+
+# --- item 2: workers prove who they are -------------------------------------------------------------------------
+
+def metric(daemon, name: str) -> float:
+    """The sum of a counter's samples on the daemon's metrics endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+FORGER = """
+import sys, time, zmq
+from walredod.daemon import backend
+endpoint, slot, pid, secret_guess = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+context = zmq.Context()
+socks = []
+for creds in (None, (b"worker-%d" % slot, secret_guess)):  # no credentials; a guessed secret
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"w%d.%d" % (slot, pid))  # the real worker's identity
+    if creds:
+        sock.plain_username, sock.plain_password = creds
+    sock.connect(endpoint)
+    socks.append(sock)
+def send(sock, frames):  # never blocks: a DEALER with no admitted connection would wait for one forever
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+for sock in socks:
+    send(sock, backend.encode_ready(slot, pid, pid, 64))
+page = bytes([0x41]) * 8192
+deadline = time.monotonic() + 5
+token = 1
+while time.monotonic() < deadline:  # forged replies, status ok, for every token the supervisor might use
+    for sock in socks:
+        send(sock, backend.encode_reply(backend._TOKEN.pack(token), [b"", b"forged", page]))
+    token += 1
+    time.sleep(0.001)
+"""
+
+
+def test_a_forged_worker_registration_is_refused_and_logged(real_requests):
+    """The issue's attack: a process of the daemon's own uid connects to the backend socket, registers as a slot's
+    worker (its pid and identity from `status`) and sends forged replies. Every client still gets PostgreSQL's pages;
+    the refusals are logged and counted."""
+    daemon = Daemon(world_traversable_tmpdir("walredod-hardening-forge-"), workers=1)
+    try:
+        backend_socket, = (daemon.root / "data" / "run").glob("backend-*.sock")
+        worker = daemon.workers()[0]
+        forger = subprocess.Popen([sys.executable, "-c", FORGER, f"ipc://{backend_socket}", "0", str(worker["pid"]),
+                                   "0" * 32], env={**os.environ, "PYTHONPATH": os.getcwd()})
+        try:
+            with RedoClient(daemon.endpoint, timeout=30, direct=False) as client:
+                results = client.redo_many([r[:4] for r in real_requests[:300]])
+            assert results == [r[4] for r in real_requests[:300]]
+        finally:
+            forger.wait(60)
+        assert daemon.workers()[0]["pid"] == worker["pid"]  # the real worker keeps its slot
+        log = (daemon.root / "daemon.log").read_text()
+        assert "refused a connection in walredod-workers" in log, log[-2000:]
+        assert metric(daemon, "walredod_refused_connections_total") >= 1
+    finally:
+        daemon.stop()
+
+
+# --- item 3: tcp needs CURVE ------------------------------------------------------------------------------------
+
+def test_tcp_without_curve_needs_an_explicit_setting(tmp_path):
+    config = tmp_path / "walredod.toml"
+    config.write_text('[daemon]\nendpoints = ["tcp://127.0.0.1:1"]\n')
+    result = walredod("check-config", "--config", str(config))
+    assert result.returncode == 2 and "daemon.allow_plain_tcp" in result.stderr, result.stderr
+    config.write_text(f'[daemon]\nendpoints = ["tcp://127.0.0.1:1"]\ncurve_secret_key_file = "{tmp_path}/none"\n'
+                      f'curve_client_keys = "{tmp_path}"\n')
+    result = walredod("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert "daemon.curve_secret_key_file" in result.stderr and "daemon.curve_client_keys" in result.stderr
+
+
+def test_plain_tcp_when_allowed_is_warned_at_start(real_requests):
+    root = world_traversable_tmpdir("walredod-hardening-plaintcp-")
+    daemon = Daemon(root, workers=1, tcp=True, tcp_curve=False)
+    try:
+        with RedoClient(daemon.tcp_endpoint, timeout=30) as client:
+            tag, lsn, base, records, expected = real_requests[0]
+            assert client.redo(tag, lsn, base, records) == expected
+        assert "serves plain tcp" in (root / "daemon.log").read_text()
+    finally:
+        daemon.stop()
+
+
+def test_a_tcp_client_needs_an_allowed_key(real_requests, tmp_path):
+    from walredod.client import CurveKeys
+    from walredod.daemon.auth import keygen
+
+    daemon = Daemon(world_traversable_tmpdir("walredod-hardening-curve-"), workers=1, tcp=True)
+    try:
+        tag, lsn, base, records, expected = real_requests[0]
+        with RedoClient(daemon.tcp_endpoint, timeout=30, curve=daemon.curve) as client:
+            assert client.redo(tag, lsn, base, records) == expected
+        _, stranger_secret = keygen(tmp_path, "stranger")
+        stranger = CurveKeys.load(daemon.root / "keys" / "walredod.key", stranger_secret)
+        for keys in (stranger, None):  # a key the daemon does not list; no CURVE at all
+            with RedoClient(daemon.tcp_endpoint, timeout=2, curve=keys) as client:
+                with pytest.raises(Unavailable):
+                    client.ping(timeout=2)
+        assert "client key" in (daemon.root / "daemon.log").read_text()
+        assert metric(daemon, "walredod_refused_connections_total") >= 1
+    finally:
+        daemon.stop()
+
+
+# --- item 4: bounded resources ----------------------------------------------------------------------------------
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+UNREAD_BOUND = 32 * 1024 * 1024  # growth allowed while a client reads none of 10,000 page replies (80 MB of them)
+
+
+def test_replies_a_client_does_not_read_are_bounded(real_requests):
+    """A client sends 10,000 requests and never reads: the supervisor keeps at most max_unread_replies (100 here)
+    of its replies, drops and counts the rest, and serves others meanwhile."""
+    daemon = DaemonWith(world_traversable_tmpdir("walredod-hardening-unread-"),
+                        "max_unread_replies = 100\nmax_pending_per_client = 20000\nmax_pending = 20000\n", workers=2)
+    try:
+        supervisor = daemon.process.pid
+        before = rss_bytes(supervisor)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1)  # this process stops reading after one reply
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(daemon.endpoint)
+        page_requests = [r for r in real_requests if r[2] is not None][:200]
+        for i in range(10_000):
+            tag, lsn, base, records, _ = page_requests[i % len(page_requests)]
+            sock.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
+        tag, lsn, base, records, expected = real_requests[5]
+        with RedoClient(daemon.endpoint, timeout=60, direct=False) as other:
+            assert other.redo(tag, lsn, base, records) == expected
+        wait_until(lambda: daemon.client.status()["pending"] == 0, timeout=120, message="backlog served")
+        grown = rss_bytes(supervisor) - before
+        assert grown < UNREAD_BOUND, f"supervisor grew by {grown / 2**20:.1f} MiB"
+        assert metric(daemon, 'walredod_dropped_replies_total{reason="unread"}') > 9000
+        sock.close()
+    finally:
+        daemon.stop()
+
+
+def test_one_clients_flood_does_not_make_another_wait_for_it(real_requests):
+    """Client A has 5,000 requests waiting in the supervisor; client B's request is served within a round of the
+    fair queue, long before A's backlog is done."""
+    daemon = DaemonWith(world_traversable_tmpdir("walredod-hardening-fair-"), "max_pending_per_client = 10000\n",
+                        workers=1)
+    try:
+        flood = zmq.Context.instance().socket(zmq.DEALER)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.connect(daemon.endpoint)
+        for i in range(5_000):
+            tag, lsn, base, records, _ = real_requests[i % len(real_requests)]
+            flood.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
+        wait_until(lambda: daemon.client.status()["waiting"] > 1000, timeout=60, message="the flood is queued")
+        tag, lsn, base, records, expected = real_requests[7]
+        with RedoClient(daemon.endpoint, timeout=60, direct=False) as other:
+            assert other.redo(tag, lsn, base, records) == expected
+        assert daemon.client.status()["waiting"] > 500  # A's backlog is still there: B did not wait for it
+        flood.close()
+    finally:
+        daemon.stop()

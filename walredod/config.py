@@ -84,6 +84,21 @@ class DaemonSettings(Strict):
         5, ge=1, description="Worker starts in a row that may fail before its slot is reported down and parked.",
     )
     max_pending: int = Field(10_000, ge=1, description="Requests held at once; more are refused as unavailable.")
+    max_pending_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024,
+        description="Bytes of requests held at once (waiting or in flight); more are refused as unavailable.",
+    )
+    max_unread_replies: int = Field(
+        10_000, ge=1,
+        description="Replies one client connection may leave unread in the supervisor; past that its replies are "
+        "dropped (counted in walredod_dropped_replies) rather than held without bound. Keep it above "
+        "max_pending_per_client, so a client that reads late but within its share loses nothing.",
+    )
+    max_pending_per_client: int | None = Field(
+        None, ge=1,
+        description="Requests one client connection may have held at once; more are refused as unavailable. "
+        "Default: half of max_pending, so one client never shuts the others out.",
+    )
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=16 * 1024, description="Largest request accepted (all frames).",
     )

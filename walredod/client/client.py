@@ -27,7 +27,7 @@ from walredod import protocol
 from walredod.client import access
 from walredod.client.core import BATCH_SIZE, PIPELINE_WINDOW, Call, ClientCore, RedoArgs, decode_result
 from walredod.client.directory import DIRECT_CHECK_INTERVAL
-from walredod.client.links import AsyncLinks, Links, connect_dealer, direct_path_reachable
+from walredod.client.links import AsyncLinks, CurveKeys, Links, connect_dealer, direct_path_reachable
 from walredod.errors import InvalidRequest, Unavailable, WalredodError
 from walredod.types import BufferTag, WalRecord
 
@@ -65,15 +65,16 @@ class RedoClient:
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None,
-                 direct: bool = True, window: int = PIPELINE_WINDOW):
+                 direct: bool = True, window: int = PIPELINE_WINDOW, curve: CurveKeys | None = None):
         if problem := access.permission_denied(endpoint):  # else ZeroMQ would retry in silence until a timeout
             raise Unavailable(problem)
         self.endpoint = endpoint
         self.timeout = timeout
+        self._curve = curve  # for a tcp:// endpoint with CURVE (CurveKeys.load)
         self._context = context or zmq.Context.instance()
         self._core = ClientCore(endpoint, direct and direct_path_reachable(endpoint), window)
-        self._links = Links(self._context, endpoint)
-        self._control_socket = connect_dealer(self._context, endpoint)  # replies to requests never mix with these
+        self._links = Links(self._context, endpoint, curve)
+        self._control_socket = connect_dealer(self._context, endpoint, curve)  # replies to requests never mix
 
     def redo(self, tag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
              timeout: float | None = None) -> bytes | None:
@@ -155,7 +156,7 @@ class RedoClient:
                     raise result
                 return time.monotonic() - started, result
         sock.close(linger=0)
-        self._control_socket = connect_dealer(self._context, self.endpoint)
+        self._control_socket = connect_dealer(self._context, self.endpoint, self._curve)
         raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s{_why_not(self.endpoint)}")
 
     def close(self) -> None:
@@ -180,15 +181,16 @@ class AsyncRedoClient:
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, direct: bool = True,
-                 window: int = PIPELINE_WINDOW):
+                 window: int = PIPELINE_WINDOW, curve: CurveKeys | None = None):
         if problem := access.permission_denied(endpoint):
             raise Unavailable(problem)
         self.endpoint = endpoint
         self.timeout = timeout
+        self._curve = curve
         self._context = zmq.asyncio.Context.instance()
         self._core = ClientCore(endpoint, direct and direct_path_reachable(endpoint), window)
-        self._links = AsyncLinks(self._context, endpoint, self._on_reply)
-        self._control_socket = connect_dealer(self._context, endpoint)
+        self._links = AsyncLinks(self._context, endpoint, self._on_reply, curve)
+        self._control_socket = connect_dealer(self._context, endpoint, curve)
         self._control_lock = asyncio.Lock()
         self._flush_scheduled = False
         self._clock: asyncio.Task | None = None
@@ -280,7 +282,7 @@ class AsyncRedoClient:
                         raise result
                     return result
             sock.close(linger=0)
-            self._control_socket = connect_dealer(self._context, self.endpoint)
+            self._control_socket = connect_dealer(self._context, self.endpoint, self._curve)
             raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s{_why_not(self.endpoint)}")
 
     async def close(self) -> None:

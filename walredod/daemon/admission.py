@@ -102,15 +102,16 @@ class Budget:
         self.bytes = 0
         self._per_client: collections.Counter = collections.Counter()
 
-    def refusal(self, client: Hashable, size: int) -> str | None:
+    def refusal(self, client: Hashable, size: int) -> tuple[str, str] | None:
+        """None when one more request of ``size`` bytes fits; else (the setting it would exceed, why in words)."""
         if self.requests >= self.max_requests:
-            return f"{self.requests} requests are held already (daemon.max_pending); try again later"
+            return "max_pending", f"{self.requests} requests are held already; try again later"
         if self.bytes + size > self.max_bytes:
-            return (f"{self.bytes} bytes of requests are held already and this one has {size} "
-                    "(daemon.max_pending_bytes); try again later")
+            return "max_pending_bytes", (f"{self.bytes} bytes of requests are held already and this one has "
+                                         f"{size}; try again later")
         if self._per_client[client] >= self.max_per_client:
-            return (f"this client has {self._per_client[client]} requests held already "
-                    "(daemon.max_pending_per_client); wait for replies")
+            return "max_pending_per_client", (f"this client has {self._per_client[client]} requests held already; "
+                                              "wait for their replies")
         return None
 
     def take(self, client: Hashable, size: int) -> None:

@@ -28,6 +28,7 @@ from typing import Protocol
 from walredod import protocol
 from walredod.config import Settings
 from walredod.daemon import backend
+from walredod.daemon.admission import Budget, FairQueue
 from walredod.daemon.metrics import Metrics
 from walredod.daemon.routing import Router
 from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, WalredodError
@@ -37,6 +38,12 @@ log = logging.getLogger("walredod.daemon.supervisor")
 GRACE = 2.0  # seconds past a request's deadline before the supervisor answers for a silent worker
 MIN_BACKOFF = 0.1  # seconds before the first restart of a worker that never became ready; doubles per failure
 _CONTROL_KINDS = (protocol.KIND_PING, protocol.KIND_STATUS, protocol.KIND_DIRECTORY)
+
+
+def per_client_limit(daemon_settings) -> int:
+    """Requests one client connection may have held: daemon.max_pending_per_client, by default half of max_pending."""
+    limit = daemon_settings.max_pending_per_client or max(1, daemon_settings.max_pending // 2)
+    return min(limit, daemon_settings.max_pending)
 
 
 class Process(Protocol):
@@ -83,6 +90,11 @@ class Pending:
     attempts: int = 0
     slot: int | None = None
 
+    @property
+    def owner(self) -> tuple[str, bytes]:
+        """Whose it is, for fairness and budgets: the client's connection (endpoint and ZeroMQ identity)."""
+        return self.frontend.endpoint, self.client
+
 
 @dataclass
 class Slot:
@@ -94,6 +106,7 @@ class Slot:
     ready: bool = False
     credit: int = 0
     in_flight: dict[int, Pending] = field(default_factory=dict)
+    owed: set[int] = field(default_factory=set)  # tokens answered for the worker (timeout): its reply returns credit
     last_seen: float = 0.0
     started_at: float = 0.0
     failed_starts: int = 0
@@ -137,7 +150,11 @@ class Pool:
         self.slots: dict[int, Slot] = {}
         self.by_identity: dict[bytes, Slot] = {}
         self.pending: dict[int, Pending] = {}
-        self.waiting: collections.deque[int] = collections.deque()  # tokens no worker could take yet
+        # Tokens no worker could take yet, taken round-robin over clients (a flood of one client waits its turns).
+        self.waiting = FairQueue(lambda token: self.pending[token].owner)
+        d = settings.daemon
+        self.budget = Budget(d.max_pending, d.max_pending_bytes, per_client_limit(d))
+        self.ignored_replies = 0  # replies to tokens a worker does not hold: duplicates, or a confused worker
         self.tokens = itertools.count(1)
         self.stopping = False
 
@@ -166,6 +183,9 @@ class Pool:
         """A reloaded configuration: tunables take effect for what comes next, the worker count at once."""
         self.settings = settings
         self.router.spill_factor = settings.daemon.spill_factor
+        d = settings.daemon
+        self.budget.max_requests, self.budget.max_bytes = d.max_pending, d.max_pending_bytes
+        self.budget.max_per_client = per_client_limit(d)
         self.resize()
 
     def _start(self, slot: Slot) -> None:
@@ -231,6 +251,7 @@ class Pool:
             else:
                 self.waiting.appendleft(token)
         slot.in_flight.clear()
+        slot.owed.clear()
         self.metrics.set_in_flight(slot.index, 0)
         if slot.retiring:
             return
@@ -270,8 +291,14 @@ class Pool:
         """A worker's reply to ``token``; ``frames[3:]`` are the reply header and body (a batch's has more)."""
         now = self.clock()
         slot.last_seen = now
-        slot.credit += 1
         pending = slot.in_flight.pop(token, None)
+        if pending is None:
+            if token not in slot.owed:  # not a request this worker holds: no credit, nothing sent
+                self.ignored_replies += 1
+                log.warning("slot %d: reply to token %d, which the worker does not hold, ignored", slot.index, token)
+                return
+            slot.owed.discard(token)  # we answered it already (timeout); the worker's credit comes back
+        slot.credit += 1
         if pending is not None and self.pending.pop(token, None) is not None:
             reply = [b"", *frames[3:]]
             pending.frontend.send(pending.client, reply)
@@ -306,6 +333,7 @@ class Pool:
         records = len(body) - 4 if request.batch is None else len(body) - 2 - 3 * len(request.batch)
         self.pending[token] = Pending(frontend, client, request.request_id, frames[2:],
                                       protocol.routing_key(request.tag), now + timeout, now, records, size)
+        self.budget.take(self.pending[token].owner, size)
         self.waiting.append(token)
         self.dispatch()
 
@@ -330,11 +358,14 @@ class Pool:
             raise InvalidRequest(f"request of {size} bytes is over the limit of {d.max_request_bytes}")
         if self.slots and all(slot.parked for slot in self.slots.values()):
             raise Unavailable("no worker can start (see the daemon's log and `walredod status`)")
-        if len(self.pending) >= d.max_pending:
-            raise Unavailable(f"{len(self.pending)} requests are waiting; try again later")
+        if refusal := self.budget.refusal((frontend.endpoint, client), size):
+            setting, why = refusal
+            self.metrics.refused_requests.labels(reason=setting).inc()
+            raise Unavailable(f"{why} (daemon.{setting})")
 
     def released(self, pending: Pending) -> None:
         """``pending`` got its reply (or error) and no longer counts against the limits."""
+        self.budget.give_back(pending.owner, pending.size)
 
     # --- dispatch and answers -------------------------------------------------------------------------------------
 
@@ -369,7 +400,9 @@ class Pool:
         if pending is None:
             return
         if pending.slot is not None:
-            self.slots[pending.slot].in_flight.pop(token, None)
+            slot = self.slots[pending.slot]
+            if slot.in_flight.pop(token, None) is not None:
+                slot.owed.add(token)  # its worker still holds it, and will answer
         self.metrics.observe(error.code, self.clock() - pending.accepted, pending.records)
         pending.frontend.send(pending.client, protocol.encode_error(pending.request_id, error))
         self.released(pending)

@@ -26,7 +26,7 @@ import zmq
 
 from walredod import protocol
 from walredod.config import ConfigError, Settings, load_settings
-from walredod.daemon import preflight
+from walredod.daemon import auth, backend, preflight
 from walredod.daemon.endpoints import EndpointInUse, SupervisorEndpoints, direct_endpoint_base
 from walredod.daemon.metrics import Metrics
 from walredod.daemon.pool import Frontend, Pool, Slot
@@ -36,19 +36,28 @@ log = logging.getLogger("walredod.daemon.supervisor")
 _HOUSEKEEPING_INTERVAL = 0.05  # seconds between checks of workers, deadlines and heartbeats
 _BURST = 1000  # messages taken from one socket before the others are heard
 _SNDMORE = int(zmq.SNDMORE)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 
 
-def _sender(socket: zmq.Socket):
+def _sender(socket: zmq.Socket, dropped=None):
     """``send(identity, frames)`` on a ROUTER: the identity frame, then the message. A peer that left (ZeroMQ's
-    ROUTER_MANDATORY refuses its identity on the first frame) gets nothing: nobody is left to answer."""
+    ROUTER_MANDATORY refuses its identity on the first frame) gets nothing: nobody is left to answer. Neither does a
+    peer with SNDHWM messages it has not read (ROUTER_MANDATORY says EAGAIN; we never wait for a client):
+    ``dropped(reason)`` counts both."""
     send_identity = socket.send
 
     def send(identity: bytes, frames: list) -> None:
         try:
-            send_identity(identity, _SNDMORE)
+            send_identity(identity, _SNDMORE_NOBLOCK)
+        except zmq.Again:
+            if dropped is not None:
+                dropped("unread")
+            return
         except zmq.ZMQError as exc:
             log.debug("message to a departed peer dropped: %s", exc)
+            if dropped is not None:
+                dropped("departed")
             return
         protocol.send_frames(socket, frames)
 
@@ -61,12 +70,17 @@ class Supervisor:
         self.config_path = config_path
         self.overrides = overrides or {}
         self.context = zmq.Context(1)
+        self.metrics = Metrics()
         self.frontends: dict[zmq.Socket, Frontend] = {}
         for endpoint in settings.daemon.endpoints:
             socket = self.context.socket(zmq.ROUTER)
-            self.frontends[socket] = Frontend(endpoint, _sender(socket))
+            self.frontends[socket] = Frontend(endpoint, _sender(socket, self._reply_dropped))
         self.backend = self.context.socket(zmq.ROUTER)
-        self.metrics = Metrics()
+        # Every connection to the backend, and to a CURVE tcp endpoint, is checked before its first message.
+        client_keys = (auth.load_client_keys(settings.daemon.curve_client_keys)
+                       if settings.daemon.curve_client_keys else set())
+        self.gatekeeper = auth.Gatekeeper(client_keys, self.metrics)
+        self.zap = auth.ZapHandler(self.context, self.gatekeeper)
         run_dir = settings.engine.data_dir / "run"
         self.endpoints: SupervisorEndpoints | None = None
         self.backend_endpoint = f"ipc://{run_dir}/backend-{os.getpid()}.sock"
@@ -88,11 +102,19 @@ class Supervisor:
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker or client takes its identity back
         for socket, frontend in self.frontends.items():
             socket.setsockopt(zmq.RCVHWM, d.max_pending)
-            # Never drop a reply because a client reads slowly (ZeroMQ's default at the high-water mark): what waits
-            # is bounded by what that client sent. Replies to clients that left raise instead of vanishing silently.
-            socket.setsockopt(zmq.SNDHWM, 0)
+            # Replies a client has not read: at most max_unread_replies per connection; past that a reply is dropped
+            # (counted), never waited for. Replies to clients that left raise instead of vanishing silently.
+            socket.setsockopt(zmq.SNDHWM, d.max_unread_replies)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             socket.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
+            if frontend.endpoint.startswith("tcp://"):
+                if d.curve_secret_key_file is not None:
+                    auth.curve_server(socket, *auth.load_server_keys(d.curve_secret_key_file))
+                else:
+                    log.warning("%s serves plain tcp (daemon.allow_plain_tcp): anyone who reaches the port gets "
+                                "pages and the status document", frontend.endpoint)
+        self.backend.setsockopt(zmq.SNDHWM, 0)  # requests to workers are bounded by their credit
+        auth.worker_server(self.backend)  # only the worker processes we started, with their secrets
         # Refuses (touching nothing) when another daemon serves an endpoint; removes stale socket files.
         self.endpoints = SupervisorEndpoints(d, self.backend_endpoint)
         try:
@@ -124,10 +146,10 @@ class Supervisor:
         log.info("walredod serving on %s with %d workers", ", ".join(self.settings.daemon.endpoints),
                  len(self.pool.slots))
         poller = zmq.Poller()
-        for socket in (self.backend, *self.frontends):
+        for socket in (self.backend, self.zap.socket, *self.frontends):
             poller.register(socket, zmq.POLLIN)
         pool = self.pool
-        handlers = {self.backend: pool.on_worker_message,
+        handlers = {self.backend: self._on_worker_message, self.zap.socket: self._on_zap_request,
                     **{socket: self._client_handler(frontend) for socket, frontend in self.frontends.items()}}
         announced = False
         try:
@@ -146,6 +168,22 @@ class Supervisor:
         finally:
             self._shutdown()
         return 0
+
+    def _on_zap_request(self, frames: list) -> None:
+        self.zap.socket.send_multipart(self.gatekeeper.decide([f.bytes for f in frames]))
+
+    def _on_worker_message(self, frames: list) -> None:
+        """A READY must come from the connection the Gatekeeper admitted as that slot's worker."""
+        if frames[1].bytes == backend.READY:
+            ready = backend.decode_ready(frames[2].buffer)
+            user = frames[1].get("User-Id")
+            if user != auth.worker_username(ready.slot).decode():
+                log.warning("READY for slot %d from a connection admitted as %r: ignored", ready.slot, user)
+                return
+        self.pool.on_worker_message(frames)
+
+    def _reply_dropped(self, reason: str) -> None:
+        self.metrics.dropped_replies.labels(reason=reason).inc()
 
     def _client_handler(self, frontend: Frontend):
         on_client_message = self.pool.on_client_message
@@ -205,6 +243,7 @@ class Supervisor:
                 process.wait()
         for socket in (*self.frontends, self.backend):
             socket.close()
+        self.zap.close()
         self.context.term()
         self.endpoints.release()  # ZeroMQ leaves socket files behind
         self.metrics.stop()
@@ -223,7 +262,17 @@ class Supervisor:
                 "--daemon-settings", self.settings.daemon.model_dump_json()]
         if slot.direct_endpoint:
             argv += ["--direct", slot.direct_endpoint]
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
+        # The worker's secret goes through a pipe only it inherits (argv and the environment are readable by other
+        # processes of our uid); the Gatekeeper admits that secret from that pid alone.
+        secret_read, secret_write = os.pipe()
+        try:
+            process = subprocess.Popen([*argv, "--secret-fd", str(secret_read)], stdin=subprocess.DEVNULL,
+                                       close_fds=True, pass_fds=(secret_read,))
+            os.write(secret_write, self.gatekeeper.expect_worker(slot.index, process.pid))
+        finally:
+            os.close(secret_read)
+            os.close(secret_write)
+        return process
 
     # --- time -----------------------------------------------------------------------------------------------------
 

@@ -71,11 +71,12 @@ def check_config(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Each worker's state, pid, child pid, requests served and restarts."""
-    from walredod.client import RedoClient
+    from walredod.client import CurveKeys, RedoClient
     from walredod.config import load_settings
 
     endpoint = args.endpoint[0] if args.endpoint else load_settings(args.config).daemon.endpoints[0]
-    with RedoClient(endpoint) as client:
+    curve = CurveKeys.load(args.server_key, args.key) if args.server_key and args.key else None
+    with RedoClient(endpoint, curve=curve) as client:
         state = client.status(timeout=args.timeout)
     print(f"supervisor {state['pid']}: {state['pending']} requests pending, {state['waiting']} waiting"
           f"{', stopping' if state['stopping'] else ''}")
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("status", help="print each worker's state, pid, child pid, requests served, restarts")
     daemon_options(p)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--server-key", type=Path, help="a CURVE tcp endpoint: the daemon's public key file")
+    p.add_argument("--key", type=Path, help="a CURVE tcp endpoint: this client's .key_secret file")
     p.set_defaults(func=status)
 
     p = commands.add_parser("keygen", help="make a CURVE key pair (daemon: curve_secret_key_file; clients: their "

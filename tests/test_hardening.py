@@ -460,31 +460,38 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-UNREAD_BOUND = 32 * 1024 * 1024  # growth allowed while a client reads none of 10,000 page replies (80 MB of them)
+UNREAD_BOUND = 24 * 1024 * 1024  # growth allowed while a client reads none of 10,000 page replies (80 MB of them)
 
 
 def test_replies_a_client_does_not_read_are_bounded(real_requests):
-    """A client sends 10,000 requests and never reads: the supervisor keeps at most max_unread_replies (100 here)
-    of its replies, drops and counts the rest, and serves others meanwhile."""
+    """A client sends 10,000 small requests (no base image: their pages start empty) in waves and never reads: the supervisor
+    keeps at most max_unread_replies (100 here) of its 8 kB replies, drops and counts the rest, and serves others
+    meanwhile. Unbounded, the replies alone would be 80 MB."""
     daemon = DaemonWith(world_traversable_tmpdir("walredod-hardening-unread-"),
                         "max_unread_replies = 100\nmax_pending_per_client = 20000\nmax_pending = 20000\n", workers=2)
     try:
         supervisor = daemon.process.pid
+        small = [r for r in real_requests if r[2] is None and sum(len(rec.data) for rec in r[3]) < 2000][:100]
+        assert len(small) >= 10
+        with RedoClient(daemon.endpoint, timeout=60, direct=False) as warm:  # the supervisor's own start-up aside
+            warm.redo_many([r[:4] for r in small] * 20)
         before = rss_bytes(supervisor)
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 1)  # this process stops reading after one reply
         sock.setsockopt(zmq.RCVBUF, 4096)
         sock.connect(daemon.endpoint)
-        page_requests = [r for r in real_requests if r[2] is not None][:200]
-        for i in range(10_000):
-            tag, lsn, base, records, _ = page_requests[i % len(page_requests)]
-            sock.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
-        tag, lsn, base, records, expected = real_requests[5]
-        with RedoClient(daemon.endpoint, timeout=60, direct=False) as other:
-            assert other.redo(tag, lsn, base, records) == expected
-        wait_until(lambda: daemon.client.status()["pending"] == 0, timeout=120, message="backlog served")
+        for wave in range(10):  # in waves of 1,000, so that the requests held at once stay few
+            for i in range(wave * 1000, wave * 1000 + 1000):
+                tag, lsn, base, records, _ = small[i % len(small)]
+                sock.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
+            if wave == 5:
+                tag, lsn, base, records, expected = real_requests[5]
+                with RedoClient(daemon.endpoint, timeout=60, direct=False) as other:
+                    assert other.redo(tag, lsn, base, records) == expected
+            wait_until(lambda: daemon.client.status()["pending"] == 0, timeout=180, message="wave served")
         grown = rss_bytes(supervisor) - before
+        print(f"supervisor grew by {grown / 2**20:.1f} MiB while 10,000 replies went unread")
         assert grown < UNREAD_BOUND, f"supervisor grew by {grown / 2**20:.1f} MiB"
         assert metric(daemon, 'walredod_dropped_replies_total{reason="unread"}') > 9000
         sock.close()
@@ -493,10 +500,10 @@ def test_replies_a_client_does_not_read_are_bounded(real_requests):
 
 
 def test_one_clients_flood_does_not_make_another_wait_for_it(real_requests):
-    """Client A has 5,000 requests waiting in the supervisor; client B's request is served within a round of the
-    fair queue, long before A's backlog is done."""
-    daemon = DaemonWith(world_traversable_tmpdir("walredod-hardening-fair-"), "max_pending_per_client = 10000\n",
-                        workers=1)
+    """Client A sends 5,000 requests: it may hold half of max_pending (1,000; the rest are refused at once) and they
+    wait in the supervisor; client B's request is admitted and served within a round of the fair queue, long before
+    A's backlog is done."""
+    daemon = Daemon(world_traversable_tmpdir("walredod-hardening-fair-"), workers=1)  # max_pending 2000
     try:
         flood = zmq.Context.instance().socket(zmq.DEALER)
         flood.setsockopt(zmq.LINGER, 0)
@@ -504,11 +511,50 @@ def test_one_clients_flood_does_not_make_another_wait_for_it(real_requests):
         for i in range(5_000):
             tag, lsn, base, records, _ = real_requests[i % len(real_requests)]
             flood.send_multipart(protocol.encode_redo_request(i, tag, lsn, base, records), copy=False)
-        wait_until(lambda: daemon.client.status()["waiting"] > 1000, timeout=60, message="the flood is queued")
+        wait_until(lambda: daemon.client.status()["waiting"] > 800, timeout=60, message="the flood is queued")
         tag, lsn, base, records, expected = real_requests[7]
         with RedoClient(daemon.endpoint, timeout=60, direct=False) as other:
             assert other.redo(tag, lsn, base, records) == expected
-        assert daemon.client.status()["waiting"] > 500  # A's backlog is still there: B did not wait for it
+        assert daemon.client.status()["waiting"] > 400  # A's backlog is still there: B did not wait for it
         flood.close()
+    finally:
+        daemon.stop()
+
+
+HUGE_MESSAGE = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+frame = b"x" * (16 * 1024 * 1024)  # each frame under the daemon's MAXMSGSIZE, the message far over its limit
+frames = [b""] + [frame] * int(sys.argv[2])
+sock.send_multipart(frames, copy=False)
+sock.poll(20_000)  # keep the connection while the daemon takes it in (it drops it instead)
+"""
+
+
+def test_a_message_too_large_to_buffer_is_dropped_within_the_memory_limit(real_requests):
+    """ZeroMQ delivers a message only whole and caps only each frame: 64 frames of 16 MiB (1 GiB) would be
+    buffered before the supervisor could refuse it. Past max_memory_bytes the supervisor drops its client
+    connections; its peak resident memory stays under that plus one housekeeping interval's worth, and it serves on."""
+    limit = 192 * 1024 * 1024
+    daemon = DaemonWith(world_traversable_tmpdir("walredod-hardening-huge-"),
+                        f"max_memory_bytes = {limit}\nmax_pending_bytes = {64 * 1024 * 1024}\n", workers=1)
+    try:
+        attacker = subprocess.Popen([sys.executable, "-c", HUGE_MESSAGE, daemon.endpoint, "64"])
+        try:
+            wait_until(lambda: metric(daemon, "walredod_memory_resets_total") >= 1, timeout=120,
+                       message="the supervisor dropped its connections")
+        finally:
+            attacker.kill()
+            attacker.wait()
+        peak = int(next(line.split()[1] for line in Path(f"/proc/{daemon.process.pid}/status").read_text()
+                        .splitlines() if line.startswith("VmHWM:"))) * 1024
+        print(f"supervisor peak resident memory {peak / 2**20:.0f} MiB (limit {limit >> 20} MiB)")
+        assert peak < limit + 256 * 1024 * 1024, f"supervisor peaked at {peak / 2**20:.0f} MiB"
+        tag, lsn, base, records, expected = real_requests[0]
+        with RedoClient(daemon.endpoint, timeout=60, direct=False) as client:
+            assert client.redo(tag, lsn, base, records) == expected
+        assert "over daemon.max_memory_bytes" in (daemon.root / "daemon.log").read_text()
     finally:
         daemon.stop()

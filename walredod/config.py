@@ -88,6 +88,11 @@ class DaemonSettings(Strict):
         256 * 1024 * 1024, ge=1024 * 1024,
         description="Bytes of requests held at once (waiting or in flight); more are refused as unavailable.",
     )
+    max_memory_bytes: int = Field(
+        1024 * 1024 * 1024, ge=64 * 1024 * 1024,
+        description="Resident memory of the supervisor past which it drops every client connection (freeing what "
+        "ZeroMQ buffered for them); counted in walredod_memory_resets.",
+    )
     max_unread_replies: int = Field(
         10_000, ge=1,
         description="Replies one client connection may leave unread in the supervisor; past that its replies are "

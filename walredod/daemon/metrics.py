@@ -33,6 +33,9 @@ class Metrics:
         self.refused_requests = Counter(
             "walredod_refused_requests", "Requests refused as unavailable by a limit: max_pending, max_pending_bytes "
             "or max_pending_per_client.", ["reason"], registry=self.registry)
+        self.memory_resets = Counter(
+            "walredod_memory_resets", "Times the supervisor dropped every client connection because its resident "
+            "memory passed daemon.max_memory_bytes.", registry=self.registry)
         self.dropped_replies = Counter(
             "walredod_dropped_replies", "Replies the supervisor could not hand to ZeroMQ, by reason: 'unread' (the "
             "client has daemon.max_unread_replies replies it has not read) or 'departed' (its connection is gone).",

@@ -13,7 +13,13 @@ from walredod.engine.datadir import engine_path_problems
 
 
 def problems(settings: Settings) -> list[str]:
-    return engine_path_problems(settings.engine) + setting_problems(settings.daemon) + auth.setting_problems(settings.daemon)
+    found = engine_path_problems(settings.engine) + setting_problems(settings.daemon)
+    found += auth.setting_problems(settings.daemon)
+    d = settings.daemon
+    if d.max_memory_bytes < 2 * d.max_pending_bytes:
+        found.append(f"daemon.max_memory_bytes: {d.max_memory_bytes} leaves no room for daemon.max_pending_bytes "
+                     f"({d.max_pending_bytes}) of requests and their replies: make it at least twice that")
+    return found
 
 
 def check(settings: Settings, source: object = None) -> None:

@@ -14,6 +14,7 @@ messages between the sockets and the pool, starts and stops processes, and handl
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -92,6 +93,9 @@ class Supervisor:
         self._notifier = _systemd_notifier()
         self._last_watchdog = 0.0
         self._next_housekeeping = 0.0
+        self._last_memory_reset = -1e9
+        self._poller: zmq.Poller | None = None
+        self._handlers: dict = {}
 
     # --- start and stop -------------------------------------------------------------------------------------------
 
@@ -101,18 +105,10 @@ class Supervisor:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker or client takes its identity back
         for socket, frontend in self.frontends.items():
-            socket.setsockopt(zmq.RCVHWM, d.max_pending)
-            # Replies a client has not read: at most max_unread_replies per connection; past that a reply is dropped
-            # (counted), never waited for. Replies to clients that left raise instead of vanishing silently.
-            socket.setsockopt(zmq.SNDHWM, d.max_unread_replies)
-            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            socket.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
-            if frontend.endpoint.startswith("tcp://"):
-                if d.curve_secret_key_file is not None:
-                    auth.curve_server(socket, *auth.load_server_keys(d.curve_secret_key_file))
-                else:
-                    log.warning("%s serves plain tcp (daemon.allow_plain_tcp): anyone who reaches the port gets "
-                                "pages and the status document", frontend.endpoint)
+            self._configure_frontend(socket, frontend)
+            if frontend.endpoint.startswith("tcp://") and d.curve_secret_key_file is None:
+                log.warning("%s serves plain tcp (daemon.allow_plain_tcp): anyone who reaches the port gets "
+                            "pages and the status document", frontend.endpoint)
         self.backend.setsockopt(zmq.SNDHWM, 0)  # requests to workers are bounded by their credit
         auth.worker_server(self.backend)  # only the worker processes we started, with their secrets
         # Refuses (touching nothing) when another daemon serves an endpoint; removes stale socket files.
@@ -132,6 +128,20 @@ class Supervisor:
             self.endpoints.release()
             raise
 
+    def _configure_frontend(self, socket: zmq.Socket, frontend: Frontend) -> None:
+        d = self.settings.daemon
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        socket.setsockopt(zmq.RCVHWM, d.max_pending)
+        # Replies a client has not read: at most max_unread_replies per connection; past that a reply is dropped
+        # (counted), never waited for. Replies to clients that left raise instead of vanishing silently.
+        socket.setsockopt(zmq.SNDHWM, d.max_unread_replies)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # ZeroMQ caps each frame; a message of many frames is buffered whole before we see it (see _check_memory).
+        socket.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
+        if frontend.endpoint.startswith("tcp://") and d.curve_secret_key_file is not None:
+            auth.curve_server(socket, *auth.load_server_keys(d.curve_secret_key_file))
+
     def run(self) -> int:
         preflight.check(self.settings, self.config_path)
         self.cpus = sorted(os.sched_getaffinity(0))
@@ -145,12 +155,13 @@ class Supervisor:
         self.pool.resize()
         log.info("walredod serving on %s with %d workers", ", ".join(self.settings.daemon.endpoints),
                  len(self.pool.slots))
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         for socket in (self.backend, self.zap.socket, *self.frontends):
             poller.register(socket, zmq.POLLIN)
         pool = self.pool
-        handlers = {self.backend: self._on_worker_message, self.zap.socket: self._on_zap_request,
-                    **{socket: self._client_handler(frontend) for socket, frontend in self.frontends.items()}}
+        self._handlers = handlers = {
+            self.backend: self._on_worker_message, self.zap.socket: self._on_zap_request,
+            **{socket: self._client_handler(frontend) for socket, frontend in self.frontends.items()}}
         announced = False
         try:
             while True:
@@ -281,15 +292,61 @@ class Supervisor:
 
     def _housekeeping(self) -> None:
         self.pool.tick()
+        self._check_memory()
         now = time.monotonic()
         self._next_housekeeping = now + _HOUSEKEEPING_INTERVAL
         if now - self._last_watchdog >= 1.0:
             self._notify("WATCHDOG=1")
             self._last_watchdog = now
 
+    def _check_memory(self) -> None:
+        """The last line against a client that sends one endless message: ZeroMQ delivers a message only whole and
+        caps only its frames, so it buffers every frame of it before we can refuse it. Past daemon.max_memory_bytes
+        of our own resident memory, every client connection is dropped (closing the frontend sockets frees what
+        ZeroMQ buffered for them) and the endpoints bound anew; clients' ZeroMQ sockets reconnect by themselves,
+        replies to requests sent before are lost (the clients time out). Checked every housekeeping interval, so
+        the supervisor stays under the limit plus what arrives in one interval."""
+        limit = self.settings.daemon.max_memory_bytes
+        if _resident_bytes() <= limit or time.monotonic() - self._last_memory_reset < 1.0:
+            return
+        rss = _resident_bytes()
+        log.error("the supervisor holds %d MiB, over daemon.max_memory_bytes (%d MiB): dropping every client "
+                  "connection (a client sending a message too large to buffer?)", rss >> 20, limit >> 20)
+        self.metrics.memory_resets.inc()
+        for old, frontend in list(self.frontends.items()):
+            self._poller.unregister(old)
+            del self._handlers[old], self.frontends[old]
+            old.close(linger=0)
+            socket = self.context.socket(zmq.ROUTER)
+            self._configure_frontend(socket, frontend)
+            self.endpoints.bind_frontend(socket, frontend.endpoint)
+            frontend.send = _sender(socket, self._reply_dropped)
+            self.frontends[socket] = frontend
+            self._handlers[socket] = self._client_handler(frontend)
+            self._poller.register(socket, zmq.POLLIN)
+        _release_free_memory()
+        self._last_memory_reset = time.monotonic()
+        log.warning("client connections dropped; the supervisor holds %d MiB now", _resident_bytes() >> 20)
+
     def _notify(self, message: str) -> None:
         if self._notifier is not None:
             self._notifier.notify(message)
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise, and our resident size with it)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _systemd_notifier():

@@ -40,6 +40,7 @@ log = logging.getLogger("walredod.daemon.worker")
 _PR_SET_PDEATHSIG = 1
 _BURST = 64  # messages taken from one socket before looking at the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 
 
 def die_with_parent() -> None:
@@ -146,7 +147,9 @@ class Worker:
         if direct:
             self.direct = self.context.socket(zmq.ROUTER)
             self.direct.setsockopt(zmq.LINGER, 1000)
-            self.direct.setsockopt(zmq.SNDHWM, 0)  # a reply waits for a slow reader; never dropped
+            # Replies a client leaves unread: as many as the supervisor keeps (daemon.max_unread_replies), the rest
+            # dropped, never waited for.
+            self.direct.setsockopt(zmq.SNDHWM, self.daemon_settings.max_unread_replies)
             self.direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
             if max_request_bytes:
                 self.direct.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + 4096)
@@ -221,9 +224,10 @@ class Worker:
             body = [f.buffer for f in frames[1:]]
             reply = self.server.serve(body, None)
             try:
-                protocol.send_frames(direct, [frames[0], *reply])
-            except zmq.ZMQError:  # the client left: nobody to answer
-                pass
+                direct.send(frames[0], _SNDMORE_NOBLOCK)  # EAGAIN: the client's unread replies are at the limit
+            except zmq.ZMQError:  # ... or the client left: nobody to answer
+                continue
+            protocol.send_frames(direct, reply)
 
     def _finish_direct(self) -> None:
         """Before stopping, answer what clients already sent; later arrivals are theirs to re-send (the directory

@@ -7,11 +7,15 @@
   ``daemon.max_pending`` requests and ``daemon.max_pending_bytes`` bytes in all, and at most
   ``daemon.max_pending_per_client`` requests of one client. Over a limit, a request is answered "unavailable" at
   once; nothing is buffered for it beyond the message ZeroMQ already delivered.
+- ``resident_bytes`` is what the supervisor and the workers compare with ``daemon.max_memory_bytes``: ZeroMQ buffers
+  a message whole before anyone sees it, so past that limit they drop their client connections.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import os
 from collections.abc import Callable, Hashable, Iterator
 
 
@@ -130,3 +134,22 @@ class Budget:
 
     def clients(self) -> int:
         return len(self._per_client)
+
+
+# --- resident memory (daemon.max_memory_bytes) ---------------------------------------------------------------------
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (from /proc/self/statm: a few microseconds)."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise, and our resident size with it)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -268,10 +268,11 @@ def bind(sock, endpoint: str) -> None:
         raise Unavailable(f"cannot bind {endpoint}: {error.strerror}") from None
 
 
-def bind_worker_endpoint(sock, endpoint: str, settings) -> None:
-    """A worker's direct endpoint: refused when live, a stale file removed, then bound and restricted."""
+def bind_worker_endpoint(sock, endpoint: str, settings, claim: bool = True) -> None:
+    """A worker's direct endpoint: refused when live, a stale file removed, then bound and restricted. ``claim``
+    False: the path is ours already (bound again after our own socket there was closed)."""
     path = ipc_path(endpoint)
-    if path:
+    if path and claim:
         claim_ipc_path(path, "worker endpoint")
     bind(sock, endpoint)
     if path:

@@ -14,7 +14,6 @@ messages between the sockets and the pool, starts and stops processes, and handl
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -28,6 +27,7 @@ import zmq
 from walredod import protocol
 from walredod.config import ConfigError, Settings, load_settings
 from walredod.daemon import auth, backend, preflight
+from walredod.daemon.admission import release_free_memory, resident_bytes
 from walredod.daemon.endpoints import EndpointInUse, SupervisorEndpoints, direct_endpoint_base
 from walredod.daemon.metrics import Metrics
 from walredod.daemon.pool import Frontend, Pool, Slot
@@ -307,9 +307,9 @@ class Supervisor:
         replies to requests sent before are lost (the clients time out). Checked every housekeeping interval, so
         the supervisor stays under the limit plus what arrives in one interval."""
         limit = self.settings.daemon.max_memory_bytes
-        if _resident_bytes() <= limit or time.monotonic() - self._last_memory_reset < 1.0:
+        if resident_bytes() <= limit or time.monotonic() - self._last_memory_reset < 1.0:
             return
-        rss = _resident_bytes()
+        rss = resident_bytes()
         log.error("the supervisor holds %d MiB, over daemon.max_memory_bytes (%d MiB): dropping every client "
                   "connection (a client sending a message too large to buffer?)", rss >> 20, limit >> 20)
         self.metrics.memory_resets.inc()
@@ -324,29 +324,13 @@ class Supervisor:
             self.frontends[socket] = frontend
             self._handlers[socket] = self._client_handler(frontend)
             self._poller.register(socket, zmq.POLLIN)
-        _release_free_memory()
+        release_free_memory()
         self._last_memory_reset = time.monotonic()
-        log.warning("client connections dropped; the supervisor holds %d MiB now", _resident_bytes() >> 20)
+        log.warning("client connections dropped; the supervisor holds %d MiB now", resident_bytes() >> 20)
 
     def _notify(self, message: str) -> None:
         if self._notifier is not None:
             self._notifier.notify(message)
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * _PAGE_SIZE
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the system (glibc keeps it otherwise, and our resident size with it)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _systemd_notifier():

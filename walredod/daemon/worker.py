@@ -27,6 +27,7 @@ import zmq
 
 from walredod import protocol
 from walredod.daemon import auth, backend
+from walredod.daemon.admission import release_free_memory, resident_bytes
 from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file
 from walredod.config import DaemonSettings, EngineSettings
 from walredod.engine import RedoEngine
@@ -41,6 +42,7 @@ _PR_SET_PDEATHSIG = 1
 _BURST = 64  # messages taken from one socket before looking at the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_IDLE_POLL_MS = 50  # while idle: how often memory (and the heartbeat) is looked at
 
 
 def die_with_parent() -> None:
@@ -143,35 +145,42 @@ class Worker:
         if secret is not None:  # the supervisor admits only its own worker process with the secret it gave it
             auth.worker_credentials(self.socket, slot, secret)
         self.socket.connect(backend)
-        self.direct = None
-        if direct:
-            self.direct = self.context.socket(zmq.ROUTER)
-            self.direct.setsockopt(zmq.LINGER, 1000)
-            # Replies a client leaves unread: as many as the supervisor keeps (daemon.max_unread_replies), the rest
-            # dropped, never waited for.
-            self.direct.setsockopt(zmq.SNDHWM, self.daemon_settings.max_unread_replies)
-            self.direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
-            if max_request_bytes:
-                self.direct.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + 4096)
-            bind_worker_endpoint(self.direct, direct, self.daemon_settings)  # a live one refused, a stale one removed
         self.direct_path = direct
+        self.max_request_bytes = max_request_bytes
+        self.direct = self._bind_direct() if direct else None
+        self._next_memory_check = 0.0
+
+    def _bind_direct(self, claim: bool = True) -> zmq.Socket:
+        direct = self.context.socket(zmq.ROUTER)
+        direct.setsockopt(zmq.LINGER, 1000)
+        # Replies a client leaves unread: as many as the supervisor keeps (daemon.max_unread_replies), the rest
+        # dropped, never waited for.
+        direct.setsockopt(zmq.SNDHWM, self.daemon_settings.max_unread_replies)
+        direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
+        if self.max_request_bytes:
+            direct.setsockopt(zmq.MAXMSGSIZE, self.max_request_bytes + 4096)
+        bind_worker_endpoint(direct, self.direct_path, self.daemon_settings, claim)  # a live one refused, stale removed
+        return direct
 
     def run(self) -> None:
         self._send(backend.encode_ready(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit))
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if self.direct is not None:
             poller.register(self.direct, zmq.POLLIN)
         backend_events = self.socket.getsockopt
-        direct_events = self.direct.getsockopt if self.direct is not None else None
+        self._direct_events = self.direct.getsockopt if self.direct is not None else None
         while True:
             # Checking a socket's EVENTS is much cheaper than a poll; poll only when both are empty.
+            direct_events = self._direct_events
             busy_direct = direct_events is not None and direct_events(zmq.EVENTS) & zmq.POLLIN
             busy_backend = backend_events(zmq.EVENTS) & zmq.POLLIN
             if not (busy_direct or busy_backend):
                 self.engine.start_spare()  # idle: replace a spare used up by a takeover
-                if not poller.poll(self.heartbeat_interval * 1000):
-                    self._heartbeat(busy_until=0.0)  # idle a whole interval: silence from now on is a hang
+                if not poller.poll(_IDLE_POLL_MS):
+                    self._check_memory()
+                    if time.monotonic() - self._last_sent >= self.heartbeat_interval:
+                        self._heartbeat(busy_until=0.0)  # idle a whole interval: silence from now on is a hang
                 continue
             if busy_direct:
                 self._serve_direct()
@@ -180,6 +189,24 @@ class Worker:
             if (self.engine.child_pid != self._reported_child
                     or time.monotonic() - self._last_sent >= self.heartbeat_interval):
                 self._heartbeat()
+            if time.monotonic() >= self._next_memory_check:
+                self._check_memory()
+
+    def _check_memory(self) -> None:
+        """As the supervisor does (walredod.daemon.supervisor, _check_memory): ZeroMQ buffers a client's message
+        whole before we see it, so past daemon.max_memory_bytes of our resident memory the direct endpoint's
+        connections are dropped (closing the socket frees what was buffered) and the endpoint bound anew."""
+        self._next_memory_check = time.monotonic() + _IDLE_POLL_MS / 1000
+        if self.direct is None or resident_bytes() <= self.daemon_settings.max_memory_bytes:
+            return
+        log.error("worker %d holds %d MiB, over daemon.max_memory_bytes: dropping the connections of its direct "
+                  "endpoint (a client sending a message too large to buffer?)", self.slot, resident_bytes() >> 20)
+        self._poller.unregister(self.direct)
+        self.direct.close(linger=0)
+        self.direct = self._bind_direct(claim=False)  # ours: the closed socket may still be listening a moment
+        self._poller.register(self.direct, zmq.POLLIN)
+        self._direct_events = self.direct.getsockopt
+        release_free_memory()
 
     def _send(self, frames: list) -> None:
         protocol.send_frames(self.socket, frames)

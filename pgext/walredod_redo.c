@@ -30,6 +30,10 @@
  * changes nothing.  No page is ever written to disk: dirty buffers of these
  * relations are dropped, never flushed.
  *
+ * Heap records come in two layouts, vanilla PostgreSQL 15's and Neon
+ * compute's; walredod.wal_format says which this child serves, and a record
+ * in the other is refused before it is applied (see wal_format.c).
+ *
  * Copyright (c) 2026, the walredod developers.
  *-------------------------------------------------------------------------
  */
@@ -63,6 +67,8 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+
+#include "wal_format.h"
 
 PG_MODULE_MAGIC;
 
@@ -138,6 +144,7 @@ static uint64 cpu_at_first_request_ns;
 
 static int64 blocks_written_at_start;
 static bool walredod_source_logs_hint_bits = false;
+static int	walredod_wal_format = WAL_FORMAT_VANILLA;
 static XLogRecPtr wal_insert_at_start;
 
 static void serve(void) pg_attribute_noreturn();
@@ -592,9 +599,10 @@ pin_target(void)
  * Would heap visibility redo stamp the target page with the record's LSN on
  * a server that logs hint bits?  PostgreSQL's heap_xlog_visible does so for
  * the heap block (block 1) when XLogHintBitIsNeeded() and the block needs
- * redo.  Our scratch cluster cannot run with wal_log_hints on (redo's free
- * space map updates would then write WAL of their own), so when the WAL's
- * source logged hint bits we apply that one step ourselves.
+ * redo; Neon's redo always does.  Our scratch cluster cannot run with
+ * wal_log_hints on (redo's free space map updates would then write WAL of
+ * their own), so when the WAL's source logged hint bits, or is Neon's, we
+ * apply that one step ourselves.
  */
 static bool
 visible_needs_lsn_stamp(XLogRecPtr end_lsn)
@@ -603,7 +611,8 @@ visible_needs_lsn_stamp(XLogRecPtr end_lsn)
 	Buffer		buf;
 	XLogRecPtr	page_lsn;
 
-	if (!walredod_source_logs_hint_bits ||
+	if (!(walredod_source_logs_hint_bits ||
+		  walredod_wal_format == WAL_FORMAT_NEON) ||
 		decoded->header.xl_rmid != RM_HEAP2_ID ||
 		(decoded->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
 		decoded->max_block_id < 1)
@@ -733,16 +742,77 @@ decode_record(XLogRecord *rec, uint32 rec_len, XLogRecPtr end_lsn)
 	reader->EndRecPtr = end_lsn;
 }
 
+static XLogRecPtr
+target_page_lsn(void)
+{
+	Buffer		buf = pin_target();
+	XLogRecPtr	lsn;
+
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	lsn = PageGetLSN(BufferGetPage(buf));
+	UnlockReleaseBuffer(buf);
+	return lsn;
+}
+
+/*
+ * The block ids of the decoded record (a bit each) that name the target and
+ * whose tuples redo just wrote: not restored from an image, and either
+ * initialised by the record or behind it by LSN before it (redo skips a
+ * block that is not).
+ */
+static uint64
+target_blocks_redone(XLogRecPtr lsn_before, XLogRecPtr lsn_after,
+					 XLogRecPtr end_lsn)
+{
+	uint64		blocks = 0;
+
+	if (lsn_after != end_lsn)
+		return 0;
+	for (int id = 0; id <= decoded->max_block_id; id++)
+	{
+		DecodedBkpBlock *blk = &decoded->blocks[id];
+
+		if (!blk->in_use || blk->apply_image ||
+			!RelFileNodeEquals(blk->rnode, scratch_rnode) ||
+			blk->forknum != target.fork || blk->blkno != target.blkno)
+			continue;
+		if ((blk->flags & BKPBLOCK_WILL_INIT) || lsn_before < end_lsn)
+			blocks |= UINT64CONST(1) << id;
+	}
+	return blocks;
+}
+
+/* Give the tuples redo wrote on the target Neon's t_cid and combo flag. */
+static void
+apply_neon_cid_fixes(XLogRecPtr lsn_before, XLogRecPtr end_lsn)
+{
+	Buffer		buf = pin_target();
+	Page		page;
+	uint64		redone;
+
+	LockBuffer(buf, BUFFER_LOCK_EXCLUSIVE);
+	page = BufferGetPage(buf);
+	redone = target_blocks_redone(lsn_before, PageGetLSN(page), end_lsn);
+	neon_apply_cid_fixes(page, redone);
+	if (redone != 0)
+		MarkBufferDirty(buf);
+	UnlockReleaseBuffer(buf);
+}
+
 /* Run the resource manager's redo on the decoded, remapped record. */
 static void
 replay_record(XLogRecPtr end_lsn)
 {
 	bool		stamp_lsn = visible_needs_lsn_stamp(end_lsn);
+	bool		fix_cids = neon_cid_fixes_pending();
+	XLogRecPtr	lsn_before = fix_cids ? target_page_lsn() : InvalidXLogRecPtr;
 	MemoryContext oldcontext;
 
 	oldcontext = MemoryContextSwitchTo(redo_context);
 	GetRmgr(decoded->header.xl_rmid).rm_redo(reader);
 	MemoryContextSwitchTo(oldcontext);
+	if (fix_cids)
+		apply_neon_cid_fixes(lsn_before, end_lsn);
 	MemoryContextReset(redo_context);
 	if (stamp_lsn)
 		stamp_target_lsn(end_lsn);
@@ -778,6 +848,9 @@ apply_record(const char *body, uint32 len)
 
 	rec = check_record_message(body, len, &end_lsn, &rec_len);
 	decode_record(rec, rec_len, end_lsn);
+	check_heap_record_format(decoded, end_lsn, walredod_wal_format);
+	if (walredod_wal_format == WAL_FORMAT_NEON)
+		neon_heap_record_to_vanilla(decoded, redo_context);
 	nused = remap_blocks(used, &scratch_main_used);
 	replay_record(end_lsn);
 	release_record_blocks(used, nused, scratch_main_used);
@@ -1088,6 +1161,16 @@ _PG_init(void)
 							 "Heap visibility records then stamp the heap page with their LSN.",
 							 &walredod_source_logs_hint_bits,
 							 false,
+							 PGC_SU_BACKEND,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("walredod.wal_format",
+							 "Heap record format of the WAL: vanilla or neon.",
+							 "neon: WAL from a Neon compute, whose heap records carry the command id.",
+							 &walredod_wal_format,
+							 WAL_FORMAT_VANILLA,
+							 wal_format_options,
 							 PGC_SU_BACKEND,
 							 0,
 							 NULL, NULL, NULL);

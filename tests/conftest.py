@@ -8,10 +8,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (waldump, records)
 
 from groundtruth.cluster import PgCluster, pg_available  # noqa: E402
+
+# No test is timed (speed is for bench/): hypothesis's per-example deadline would fail on a loaded machine.
+settings.register_profile("walredod", deadline=None)
+settings.load_profile("walredod")
 
 REPORTS: list[str] = []  # tables printed at the end of the run (pages checked per rmgr, ...)
 
@@ -83,18 +88,15 @@ def real_requests(scenario):
 @pytest.fixture(scope="session")
 def panicking_request(real_requests):
     """A real heap insert at offset >= 2 applied to an empty page: heap redo PANICs ("invalid max offset")."""
-    from walredod.types import BLCKSZ
+    from walredod.pg15 import RM_HEAP_ID, XLOG_HEAP_INSERT, init_page
     from walredod.wal import decode_record
 
     for tag, _lsn, _base, records, _ in real_requests:
         for record in records:
             decoded = decode_record(record.data)
-            if (decoded.rmid == 10 and decoded.info & 0xF0 == 0x00 and decoded.blocks[0].tag == tag
+            if (decoded.rmid == RM_HEAP_ID and decoded.rmgr_info == XLOG_HEAP_INSERT and decoded.blocks[0].tag == tag
                     and int.from_bytes(decoded.main_data[:2], "little") >= 2):
-                page = bytearray(BLCKSZ)
-                page[12:18] = (24).to_bytes(2, "little") + BLCKSZ.to_bytes(2, "little") * 2
-                page[18:20] = (BLCKSZ | 4).to_bytes(2, "little")
-                return tag, record.lsn, bytes(page), [record]
+                return tag, record.lsn, bytes(init_page()), [record]
     raise AssertionError("no heap insert in the scenario")
 
 

@@ -13,47 +13,33 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import crc32c
 
-from walredod.types import BLCKSZ, BufferTag
+from walredod.pg15 import (  # noqa: F401 (resource managers and record types the tests use, from here)
+    BLCKSZ, PAGE_HEADER, PG_PAGE_LAYOUT_VERSION, RM_HEAP2_ID, RM_HEAP_ID, RM_SMGR_ID, RM_XACT_ID, RM_XLOG_ID,
+    SIZE_OF_PAGE_HEADER, XLOG_FPI, XLOG_FPI_FOR_HINT, page_lsn,
+)
+from walredod.pg15 import with_page_lsn as with_lsn
+from walredod.types import BufferTag
 
-# Resource managers and record kinds used by the tests (src/include/access/rmgrlist.h, xlog_internal.h, ...).
-RM_XLOG_ID = 0
-RM_XACT_ID = 1
-RM_SMGR_ID = 2
-RM_HEAP2_ID = 9
-XLOG_FPI_FOR_HINT = 0xA0  # pg_control.h
-XLOG_FPI = 0xB0
 XLOG_XACT_COMMIT = 0x00
 XLOG_SMGR_TRUNCATE = 0x20
 
-RECORD_HEADER = struct.Struct("<IIQBB2xI")  # xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid, pad, xl_crc
-assert RECORD_HEADER.size == 24
-_CRC_OFFSET = 20
-
-# fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids: the WAL reader's.
+# The record header, fork_flags bits of a block header, bimg_info bits of an image header, main-data block ids:
+# the WAL reader's.
 from walredod.wal import (  # noqa: E402
+    RECORD_HEADER_LAYOUT as RECORD_HEADER,
     BKPBLOCK_HAS_DATA, BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPBLOCK_WILL_INIT, BKPIMAGE_APPLY, BKPIMAGE_HAS_HOLE,
-    XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT,
+    XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT, seal_record,
 )
 
-PAGE_HEADER_SIZE = 24  # SizeOfPageHeaderData
-PG_PAGE_LAYOUT_VERSION = 4
-_PAGE_HEADER = struct.Struct("<IIHHHHHHI")  # pd_lsn (hi, lo), checksum, flags, lower, upper, special, size|ver, prune
+_CRC_OFFSET = RECORD_HEADER.size - 4
+
+PAGE_HEADER_SIZE = SIZE_OF_PAGE_HEADER
 LP_NORMAL = 1
 MAXALIGN = 8
-
-
-def page_lsn(page: bytes) -> int:
-    """pd_lsn of a page: two u32, the high half first."""
-    hi, lo = struct.unpack_from("<II", page)
-    return (hi << 32) | lo
-
-
-def with_lsn(page: bytes, lsn: int) -> bytes:
-    """The page with its pd_lsn set, as PageSetLSN does."""
-    return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + page[8:]
 
 
 def make_page(lsn: int = 0, tuples: Sequence[bytes] = (), special: bytes = b"", prune_xid: int = 0) -> bytes:
@@ -71,7 +57,7 @@ def make_page(lsn: int = 0, tuples: Sequence[bytes] = (), special: bytes = b"", 
         page[upper:upper + len(tuple_data)] = tuple_data
         struct.pack_into("<I", page, lower, upper | (LP_NORMAL << 15) | (len(tuple_data) << 17))
         lower += 4
-    _PAGE_HEADER.pack_into(page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, lower, upper, special_start,
+    PAGE_HEADER.pack_into(page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, lower, upper, special_start,
                            BLCKSZ | PG_PAGE_LAYOUT_VERSION, prune_xid)
     return bytes(page)
 
@@ -143,9 +129,7 @@ def make_record(rmid: int, info: int, blocks: Sequence[BlockRef] = (), main_data
             headers.append(struct.pack("<BB", XLR_BLOCK_ID_DATA_SHORT, len(main_data)))
         else:
             headers.append(struct.pack("<BI", XLR_BLOCK_ID_DATA_LONG, len(main_data)))
-    body = b"".join(headers) + b"".join(payloads) + main_data
-    header = RECORD_HEADER.pack(RECORD_HEADER.size + len(body), xid, prev, info, rmid, 0)
-    return with_crc(header + body)
+    return seal_record(xid, prev, info, rmid, b"".join(headers) + b"".join(payloads) + main_data)
 
 
 def with_crc(record: bytes) -> bytes:
@@ -170,3 +154,179 @@ def expected_after_fpi(image: bytes, end_lsn: int, hole: bool = False) -> bytes:
     if struct.unpack_from("<H", image, 14)[0] == 0:
         return image
     return with_lsn(image, end_lsn)
+
+
+# --- heap records in the two PostgreSQL 15 formats: vanilla, and Neon compute's (walredod/walformat.py) ------------
+
+from walredod.pg15 import (  # noqa: E402, F401 (heap record kinds, for the tests that build heap records)
+    XLOG_HEAP2_LOCK_UPDATED, XLOG_HEAP2_MULTI_INSERT, XLOG_HEAP_DELETE, XLOG_HEAP_HOT_UPDATE, XLOG_HEAP_INIT_PAGE,
+    XLOG_HEAP_INSERT, XLOG_HEAP_LOCK, XLOG_HEAP_UPDATE,
+)
+XLH_UPDATE_CONTAINS_OLD_KEY = 0x08
+XLH_UPDATE_PREFIX_FROM_OLD = 0x20
+XLH_UPDATE_SUFFIX_FROM_OLD = 0x40
+XLH_DELETE_CONTAINS_OLD_KEY = 0x04
+NEON_PADDING = b"\x20\xff"  # Neon leaves its structs' padding uninitialised: never zero in real WAL
+
+
+@dataclass(frozen=True)
+class HeapTuple:
+    """A tuple as heap records log it: infomask bits, and the bytes after the 23-byte on-page header (null bitmap,
+    padding up to t_hoff, data). ``cid`` is the command id Neon's format carries with it."""
+
+    infomask2: int
+    infomask: int
+    body: bytes
+    cid: int = 0
+
+    @property
+    def hoff(self) -> int:
+        from walredod.walformat import expected_hoff
+
+        return expected_hoff(self.infomask2, self.infomask)
+
+
+def tuple_on_page(t: HeapTuple, *, xmin: int, xmax: int = 0, cid: int, ctid: tuple[int, int],
+                  infomask: int | None = None, infomask2: int | None = None) -> bytes:
+    """The tuple as it sits on a page: HeapTupleHeaderData (t_xmin, t_xmax, t_cid, t_ctid as block hi/lo and
+    offset, t_infomask2, t_infomask, t_hoff), then its body."""
+    blkno, offnum = ctid
+    return struct.pack("<IIIHHHHHB", xmin, xmax, cid, blkno >> 16, blkno & 0xFFFF, offnum,
+                       t.infomask2 if infomask2 is None else infomask2,
+                       t.infomask if infomask is None else infomask, t.hoff) + t.body
+
+
+def heap_header(t: HeapTuple, fmt: str) -> bytes:
+    """xl_heap_header: vanilla t_infomask2, t_infomask, t_hoff (5 bytes); Neon puts t_cid before t_hoff (9)."""
+    if fmt == "neon":
+        return struct.pack("<HHIB", t.infomask2, t.infomask, t.cid, t.hoff)
+    return struct.pack("<HHB", t.infomask2, t.infomask, t.hoff)
+
+
+def heap_insert_record(tag: BufferTag, offnum: int, t: HeapTuple, *, fmt: str, xid: int, init: bool = False,
+                       flags: int = 0, image: bytes | None = None) -> bytes:
+    """XLOG_HEAP_INSERT: xl_heap_insert (offnum u16, flags u8) as main data, the tuple header and body as block 0
+    data (kept beside an image only when ``image`` is given, as with wal_level = logical)."""
+    block = BlockRef(tag, image=image, data=heap_header(t, fmt) + t.body, will_init=init)
+    return make_record(RM_HEAP_ID, XLOG_HEAP_INSERT | (XLOG_HEAP_INIT_PAGE if init else 0), [block],
+                       struct.pack("<HB", offnum, flags), xid=xid)
+
+
+def multi_insert_tuple_header(t: HeapTuple, fmt: str) -> bytes:
+    """xl_multi_insert_tuple: datalen, t_infomask2, t_infomask, t_hoff (7 bytes); Neon's has 2 padding bytes and
+    t_cid before t_hoff (13)."""
+    if fmt == "neon":
+        return struct.pack("<HHH2sIB", len(t.body), t.infomask2, t.infomask, NEON_PADDING, t.cid, t.hoff)
+    return struct.pack("<HHHB", len(t.body), t.infomask2, t.infomask, t.hoff)
+
+
+def heap_multi_insert_record(tag: BufferTag, tuples: Sequence[HeapTuple], *, fmt: str, xid: int,
+                             offsets: Sequence[int] | None = None, flags: int = 0) -> bytes:
+    """XLOG_HEAP2_MULTI_INSERT: xl_heap_multi_insert (flags u8, pad, ntuples u16, offsets u16[] unless the record
+    initialises the page: ``offsets`` None) as main data; each tuple header at an even offset of block 0 data,
+    its body after it."""
+    init = offsets is None
+    main = struct.pack("<BxH", flags, len(tuples)) + (b"" if init else struct.pack(f"<{len(offsets)}H", *offsets))
+    data = bytearray()
+    for t in tuples:
+        if len(data) % 2:
+            data += b"\0"
+        data += multi_insert_tuple_header(t, fmt) + t.body
+    return make_record(RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT | (XLOG_HEAP_INIT_PAGE if init else 0),
+                       [BlockRef(tag, data=bytes(data), will_init=init)], main, xid=xid)
+
+
+def heap_update_record(new_tag: BufferTag, old_offnum: int, new_offnum: int, new: HeapTuple, *, fmt: str,
+                       xid: int, old_xmax: int, old_infobits: int = 0, old_cid: int = 0, new_xmax: int = 0,
+                       flags: int = 0, hot: bool = False, old_tag: BufferTag | None = None,
+                       prefix_len: int = 0, suffix_len: int = 0, old_key: HeapTuple | None = None) -> bytes:
+    """XLOG_HEAP_UPDATE / HOT_UPDATE: xl_heap_update (old_xmax, old_offnum, old_infobits_set, flags, new_xmax,
+    new_offnum; Neon: the old tuple's t_cid after flags) as main data, then ``old_key``'s header and body if given;
+    block 0 the new tuple's page with the lengths of a prefix and suffix taken from the old tuple (if any), the new
+    tuple's header and its body (null bitmap and padding, then the data between prefix and suffix); block 1 the
+    old tuple's page when it is another."""
+    flags |= (XLH_UPDATE_PREFIX_FROM_OLD if prefix_len else 0) | (XLH_UPDATE_SUFFIX_FROM_OLD if suffix_len else 0)
+    flags |= XLH_UPDATE_CONTAINS_OLD_KEY if old_key is not None else 0
+    if fmt == "neon":
+        main = struct.pack("<IHBBIIH", old_xmax, old_offnum, old_infobits, flags, old_cid, new_xmax, new_offnum)
+    else:
+        main = struct.pack("<IHBBIH", old_xmax, old_offnum, old_infobits, flags, new_xmax, new_offnum)
+    if old_key is not None:
+        main += heap_header(old_key, fmt) + old_key.body
+    lengths = (struct.pack("<H", prefix_len) if prefix_len else b"") + (struct.pack("<H", suffix_len) if suffix_len
+                                                                        else b"")
+    blocks = [BlockRef(new_tag, data=lengths + heap_header(new, fmt) + new.body)]
+    if old_tag is not None:
+        blocks.append(BlockRef(old_tag))
+    return make_record(RM_HEAP_ID, XLOG_HEAP_HOT_UPDATE if hot else XLOG_HEAP_UPDATE, blocks, main, xid=xid)
+
+
+def heap_delete_record(tag: BufferTag, offnum: int, *, fmt: str, xid: int, xmax: int, infobits: int = 0,
+                       flags: int = 0, cid: int = 0, lock: bool = False, old_key: HeapTuple | None = None) -> bytes:
+    """XLOG_HEAP_DELETE (or, ``lock``, XLOG_HEAP_LOCK, the same layout): xmax, offnum, infobits_set, flags;
+    Neon: 2 padding bytes and t_cid before infobits_set. A delete may carry ``old_key`` (header and body) after."""
+    flags |= XLH_DELETE_CONTAINS_OLD_KEY if old_key is not None else 0
+    if fmt == "neon":
+        main = struct.pack("<IH2sIBB", xmax, offnum, NEON_PADDING, cid, infobits, flags)
+    else:
+        main = struct.pack("<IHBB", xmax, offnum, infobits, flags)
+    if old_key is not None:
+        main += heap_header(old_key, fmt) + old_key.body
+    return make_record(RM_HEAP_ID, XLOG_HEAP_LOCK if lock else XLOG_HEAP_DELETE, [BlockRef(tag)], main, xid=xid)
+
+
+def heap_lock_updated_record(tag: BufferTag, offnum: int, *, xid: int, xmax: int, infobits: int = 0) -> bytes:
+    """XLOG_HEAP2_LOCK_UPDATED: xmax, offnum, infobits_set, flags: one layout in both formats."""
+    return make_record(RM_HEAP2_ID, XLOG_HEAP2_LOCK_UPDATED, [BlockRef(tag)],
+                       struct.pack("<IHBB", xmax, offnum, infobits, 0), xid=xid)
+
+
+# --- WAL segments --------------------------------------------------------------------------------------------------
+
+XLP_FIRST_IS_CONTRECORD = 0x01
+XLP_LONG_HEADER = 0x02
+XLOG_PAGE_MAGIC = 0xD110
+WAL_SEGMENT_SIZE = 1 << 20  # the smallest initdb allows
+
+
+def write_wal_segment(directory, records: Sequence[bytes], *, start_lsn: int = 0x100_0028, timeline: int = 1,
+                      system_id: int = 7000000000000000001) -> list[int]:
+    """Write ``records`` one after another into one WAL segment file in ``directory``, as PostgreSQL lays them out:
+    page headers (a long one at the segment start), records MAXALIGNed, a record crossing a page continued after
+    the next page's header, each record's xl_prev the start of the one before (CRC recomputed). Returns each
+    record's end LSN. ``start_lsn`` must be just past a page header."""
+    segno = start_lsn // WAL_SEGMENT_SIZE
+    seg_start = segno * WAL_SEGMENT_SIZE
+    segment = bytearray(WAL_SEGMENT_SIZE)
+    pos, prev, ends = start_lsn, 0, []
+
+    def page_header(page_lsn: int, rem_len: int) -> int:
+        info = XLP_FIRST_IS_CONTRECORD if rem_len else 0
+        if page_lsn == seg_start:
+            struct.pack_into("<HHIQI4xQII", segment, 0, XLOG_PAGE_MAGIC, info | XLP_LONG_HEADER, timeline,
+                             page_lsn, rem_len, system_id, WAL_SEGMENT_SIZE, BLCKSZ)
+            return 40
+        struct.pack_into("<HHIQI", segment, page_lsn - seg_start, XLOG_PAGE_MAGIC, info, timeline, page_lsn, rem_len)
+        return 24
+
+    page_header(seg_start, 0)
+    for record in records:
+        if pos % BLCKSZ == 0:
+            pos += page_header(pos, 0)
+        record = with_crc(record[:8] + struct.pack("<Q", prev) + record[16:])
+        prev, left = pos, record
+        while left:
+            if pos % BLCKSZ == 0:
+                pos += page_header(pos, len(left))
+            room = BLCKSZ - pos % BLCKSZ
+            chunk, left = left[:room], left[room:]
+            segment[pos - seg_start:pos - seg_start + len(chunk)] = chunk
+            pos += len(chunk)
+            if pos - seg_start >= WAL_SEGMENT_SIZE:
+                raise ValueError("the records do not fit in one segment")
+        pos = -(-pos // MAXALIGN) * MAXALIGN
+        ends.append(pos)
+    per_id = 0x1_0000_0000 // WAL_SEGMENT_SIZE
+    path = Path(directory) / f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
+    path.write_bytes(bytes(segment))
+    return ends

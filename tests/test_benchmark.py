@@ -34,7 +34,7 @@ def test_sample_pages_replay_on_the_engine(engine_data_dir):
 def test_walredod_bench_command(tmp_path, engine_data_dir):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "walredod", "bench", "--mix", "short", "--seconds", "0.5",
-                             "--datadir", str(engine_data_dir), "--json", str(out), "--plot", str(tmp_path / "b.png")],
+                             "--data-dir", str(engine_data_dir), "--json", str(out), "--plot", str(tmp_path / "b.png")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     run = json.loads(out.read_text())["runs"][0]

@@ -367,7 +367,7 @@ def raw_socket(endpoint: str, curve=None):
 
 def directory(daemon, endpoint: str | None = None) -> dict:
     with raw_socket(endpoint or daemon.endpoint, daemon.curve if endpoint == daemon.tcp_endpoint else None) as socket:
-        socket.send_multipart(protocol.encode_ping(5, protocol.KIND_DIRECTORY))
+        socket.send_multipart(protocol.encode_control(5, protocol.KIND_DIRECTORY))
         request_id, status, body = protocol.decode_reply(socket.recv_multipart())
     assert (request_id, status) == (5, protocol.STATUS_OK)
     return json.loads(body)
@@ -425,9 +425,9 @@ def test_directory_lists_the_workers_direct_endpoints(daemon, real_requests):
     assert {w["endpoint"] for w in listed["workers"]} == {
         f"ipc://{daemon.root}/walredod-worker-{slot}.sock" for slot in (0, 1)}
     with raw_socket(listed["workers"][1]["endpoint"]) as socket:  # a worker answers pings, and only redo else
-        socket.send_multipart(protocol.encode_ping(8))
+        socket.send_multipart(protocol.encode_control(8))
         assert protocol.decode_reply(socket.recv_multipart())[:2] == (8, protocol.STATUS_OK)
-        got = reply_error(socket, protocol.encode_ping(9, protocol.KIND_STATUS))
+        got = reply_error(socket, protocol.encode_control(9, protocol.KIND_STATUS))
         assert isinstance(got, InvalidRequest) and "supervisor" in str(got)
 
 

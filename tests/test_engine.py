@@ -12,6 +12,7 @@ import pytest
 from records import expected_after_fpi, fpi_record, make_page
 
 from walredod.engine import RedoEngine
+from walredod.engine.datadir import CHILD_DATADIRS
 from walredod.engine.pipe import encode_request
 from walredod.errors import InvalidRequest, RedoFailed
 from walredod.types import ZERO_PAGE, BufferTag, WalRecord
@@ -105,13 +106,13 @@ def test_redo_failure_inside_postgres(engine, good_requests, panicking_request):
 def test_close_stops_every_child_and_removes_datadirs(engine_data_dir, good_requests):
     engine = RedoEngine(data_dir=engine_data_dir, source_logs_hint_bits=True)
     pids = [engine.child_pid, engine.spare_pid]
-    slots = {child_slot for child_slot in (Path(engine_data_dir) / "slots").iterdir()
-             if child_slot.name.startswith(f"{os.getpid()}-")}
+    datadirs = {datadir for datadir in (Path(engine_data_dir) / CHILD_DATADIRS).iterdir()
+                if datadir.name.startswith(f"{os.getpid()}-")}
     assert_serves(engine, good_requests)
     engine.close()
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
-    left = {s for s in (Path(engine_data_dir) / "slots").iterdir() if s.name.startswith(f"{os.getpid()}-")}
-    assert left < slots  # this engine's slots are gone; the module's engine keeps its own
+    left = {s for s in (Path(engine_data_dir) / CHILD_DATADIRS).iterdir() if s.name.startswith(f"{os.getpid()}-")}
+    assert left < datadirs  # this engine's child datadirs are gone; the module's engine keeps its own
 
 
 # --- soak ---------------------------------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 
 def scratch_files(data_dir: Path) -> list[Path]:
-    return [p for slot in (data_dir / "slots").iterdir() for p in (slot / "base" / SCRATCH_DATABASE).iterdir()]
+    return [p for datadir in (data_dir / CHILD_DATADIRS).iterdir()
+            for p in (datadir / "base" / SCRATCH_DATABASE).iterdir()]
 
 
 def test_soak_100k_requests_memory_flat_nothing_written(engine_data_dir, good_requests):

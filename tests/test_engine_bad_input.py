@@ -31,6 +31,7 @@ from records import (
 )
 
 from walredod.engine import RedoEngine
+from walredod.engine.datadir import CHILD_DATADIRS
 from walredod.engine.pipe import PING, encode_request, encode_tag
 from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
 from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, ForkNumber, WalRecord
@@ -441,8 +442,8 @@ def test_block_numbers_past_postgres_limit(engine, engine_data_dir):
     record = make_record(RM_XLOG_ID, XLOG_FPI, [BlockRef(TAG, IMAGE), BlockRef(far._replace(relnode=777), IMAGE)])
     raw_call(engine, encode_request(TAG, None, [WalRecord(END_LSN, record)]), InvalidRequest, "block 1 has block")
     assert_serves(engine)
-    scratch = [f for slot in (Path(engine_data_dir) / "slots").iterdir()
-               for f in (slot / "base" / "4000000000").iterdir()]
+    scratch = [f for datadir in (Path(engine_data_dir) / CHILD_DATADIRS).iterdir()
+               for f in (datadir / "base" / "4000000000").iterdir()]
     assert all(f.stat().st_blocks == 0 for f in scratch) and not [f for f in scratch if "." in f.name]
 
 

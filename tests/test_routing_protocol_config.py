@@ -13,6 +13,8 @@ from walredod import protocol
 from walredod.config import ConfigError, load_settings
 from walredod.errors import InvalidRequest, UnsupportedVersion
 from walredod.daemon.routing import Router, rank_slots
+from walredod.objects import RelMapTag, SlruPageTag
+from walredod.pg15 import MAX_BLOCK_NUMBER
 from walredod.types import BLCKSZ, BufferTag, WalRecord
 
 relations = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
@@ -52,7 +54,7 @@ def test_only_slots_with_credit_are_chosen():
 
 
 tags = st.builds(BufferTag, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
-                 st.integers(0, 3), st.integers(0, 2**32 - 2))
+                 st.integers(0, 3), st.integers(0, MAX_BLOCK_NUMBER - 1))
 records = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(min_size=24, max_size=200)), max_size=20)
 
 
@@ -88,9 +90,11 @@ def test_reply_round_trip():
 
 def test_unknown_kind_and_object():
     frames = protocol.encode_redo_request(1, BufferTag(1, 2, 3, 0, 4), 10, None, [])
-    for offset, value, message in ((3, 9, "unknown request kind"), (24, 5, "unknown object kind")):
+    for offset, value, message in ((3, b"\x09", "unknown request kind"), (24, b"\x05", "unknown object kind"),
+                                   (25, b"\x04", "fork number must be 0 to 3"),
+                                   (38, MAX_BLOCK_NUMBER.to_bytes(4, "big"), "block number must be below")):
         header = bytearray(frames[1])
-        header[offset] = value
+        header[offset:offset + len(value)] = value
         with pytest.raises(InvalidRequest, match=message):
             protocol.decode_request([frames[0], bytes(header), *frames[2:]])
 
@@ -113,7 +117,7 @@ def test_batch_round_trip_and_malformed_batches():
             ([b"", header], "no requests"),
             ([b"", header, *requests[2][1:-1]], "LSN frame holds 2 LSNs but only 1"),
             ([b"", header, requests[0][1], requests[0][2]], "cut short"),
-            ([b"", header, protocol.encode_ping(3)[1], b"", b""], "not a redo request"),
+            ([b"", header, protocol.encode_control(3)[1], b"", b""], "not a redo request"),
             ([b"", header, *(requests[0][1:] * (protocol.MAX_BATCH + 1))], "more than"),
     ):
         with pytest.raises(InvalidRequest, match=message):
@@ -146,3 +150,83 @@ def test_shipped_config_file_is_valid():
     from pathlib import Path
 
     load_settings(Path(__file__).resolve().parent.parent / "config" / "walredod.toml")
+
+
+def test_a_batch_weighs_its_requests():
+    """What is being placed counts in the average: one request spills off a worker a batch of eight still fits."""
+    relation = (1663, 5, 16384)
+    home, other = rank_slots(relation, [0, 1])
+    loads = {home: 3, other: 0}
+    router = Router(0.25)
+    assert router.choose(relation, [0, 1], loads.get, lambda s: True) == other  # bound ceil(1.25 x 4 / 2) = 3
+    assert router.choose(relation, [0, 1], loads.get, lambda s: True, weight=8) == home  # bound 7
+
+
+def test_request_ids_of_malformed_messages():
+    """The id comes back whenever the second frame starts with the magic and reaches past the id."""
+    header = protocol.encode_control(77)[1]
+    assert protocol.peek_request_id([b"", header[:40]]) == 77
+    assert protocol.peek_request_id([b"", header[:12]]) == 77
+    assert protocol.peek_request_id([b"not empty", header]) == 77
+    assert protocol.peek_request_id([b"", header[:11]]) is None
+    assert protocol.peek_request_id([b"", b"XR" + header[2:]]) is None
+    assert protocol.peek_request_id([b""]) is None
+
+
+def test_checks_run_in_the_documented_order():
+    """Magic, then version, then the header's size (docs/client-protocol.md, "How the daemon checks a request")."""
+    header = protocol.encode_control(5)[1]
+    wrong_version = header[:2] + bytes([9]) + header[3:]
+    with pytest.raises(InvalidRequest, match="magic") as caught:
+        protocol.decode_request([b"", b"XR" + wrong_version[2:40]])
+    assert not isinstance(caught.value, UnsupportedVersion)
+    with pytest.raises(UnsupportedVersion):
+        protocol.decode_request([b"", wrong_version[:12]])
+    with pytest.raises(InvalidRequest, match="12 bytes, expected 42"):
+        protocol.decode_request([b"", header[:12]])  # a ping is a whole header too
+    with pytest.raises(InvalidRequest, match="only the header frame"):
+        protocol.decode_request([b"", header, b""])
+    with pytest.raises(ValueError):
+        protocol.encode_control(1, protocol.KIND_REDO)
+    for kind in protocol.CONTROL_KINDS:
+        assert protocol.decode_request(protocol.encode_control(6, kind)).kind == kind
+
+
+@pytest.mark.parametrize("record, message", [
+    (b"WRSY\x01\x00" + bytes(4), "flags 0 are not 1, 2 or 3"),
+    (b"WRSY\x01\x04" + bytes(4), "flags 4"),
+    (b"WRSY\x01\x03" + bytes(5), "malformed"),
+    (b"WRSY\x03\x03" + bytes(4), "status 3 is not 1 or 2"),
+    (b"WRSY\x05" + bytes(4 + 8 + 3), "not an offset and whole"),
+    (b"WRSY\x04" + bytes(9), "malformed"),
+])
+def test_synthesized_records_refuse_what_they_do_not_define(record, message):
+    from walredod.native import synthesized
+
+    with pytest.raises(InvalidRequest, match=message):
+        synthesized.decode(record)
+
+
+@pytest.mark.parametrize("tag, image, message", [
+    (BufferTag(1663, 5, 16384, 4, 0), None, "fork number must be 0 to 3"),
+    (BufferTag(1663, 5, 2**32, 0, 0), None, "unsigned 32-bit"),
+    (BufferTag(1663, 5, 16384, 0, MAX_BLOCK_NUMBER), None, "block number must be below"),
+    (BufferTag(1663, 5, 16384, 0, 0), bytes(100), "base image is 100 bytes, a page is 8192"),
+    (SlruPageTag(3, 0), None, "SLRU kind 3 is not 0 to 2"),
+    (RelMapTag(1663, 5), bytes(8192), "base image is 8192 bytes, a relation-map file is 512"),
+    ((1663, 5, 16384, 0, 0), None, "tuple is not a page or object"),
+])
+def test_one_check_of_tags_and_base_images(tag, image, message):
+    """The client, the protocol decoder, the engine and the Python redo all refuse with the same check."""
+    from walredod.client.client import _check_args
+    from walredod.native.rebuild import rebuild_object
+    from walredod.objects import TwoPhaseTag, check_base_image, check_tag
+
+    with pytest.raises(InvalidRequest, match=message):
+        check_tag(tag)
+        check_base_image(tag, image)
+    with pytest.raises(InvalidRequest, match=message):
+        _check_args(tag, image)
+    if isinstance(tag, (SlruPageTag, RelMapTag, TwoPhaseTag)) and image is not None:
+        with pytest.raises(InvalidRequest, match=message):
+            rebuild_object(tag, image, [])

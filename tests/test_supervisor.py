@@ -463,7 +463,8 @@ def test_stop_answers_everything_pending_as_unavailable_and_stops_the_workers():
     taken = {slot: h.requests_to(slot) for slot in (0, 1)}
     h.pool.begin_stop()
     h.send(9)
-    assert h.answers() == {9: (status("unavailable"), b"the daemon is stopping")}
+    h.control(protocol.encode_control(10, protocol.KIND_STATUS))  # control requests too (docs/client-protocol.md)
+    assert h.answers() == {rid: (status("unavailable"), b"the daemon is stopping") for rid in (9, 10)}
     # What is in flight is still served while stopping.
     token, request_id = taken[0][0]
     h.answer(0, token, request_id)
@@ -480,8 +481,8 @@ def test_stop_answers_everything_pending_as_unavailable_and_stops_the_workers():
 def test_the_directory_fits_the_endpoint_the_client_came_in_by():
     h = Harness(workers=2)
     h.ready(0)
-    h.control(protocol.encode_ping(1, protocol.KIND_DIRECTORY))
-    h.control(protocol.encode_ping(2, protocol.KIND_DIRECTORY), frontend=h.tcp)
+    h.control(protocol.encode_control(1, protocol.KIND_DIRECTORY))
+    h.control(protocol.encode_control(2, protocol.KIND_DIRECTORY), frontend=h.tcp)
     assert [(endpoint, client) for endpoint, client, _ in h.replies] == [
         (h.ipc.endpoint, b"client"), (h.tcp.endpoint, b"client")]
     answers = h.answers()
@@ -491,9 +492,6 @@ def test_the_directory_fits_the_endpoint_the_client_came_in_by():
         (0, f"{DIRECT_BASE}-0.sock", h.process_of(0).pid, True),
         (1, f"{DIRECT_BASE}-1.sock", h.process_of(1).pid, False)]
     assert remote["direct"] is False and remote["workers"] == []
-    h.pool.begin_stop()
-    h.control(protocol.encode_ping(3, protocol.KIND_DIRECTORY))
-    assert json.loads(h.answers()[3][1])["direct"] is False  # stopping: everything through the supervisor
 
 
 def test_a_reply_leaves_by_the_endpoint_its_request_came_in_by():
@@ -510,7 +508,7 @@ def test_a_reply_leaves_by_the_endpoint_its_request_came_in_by():
 @pytest.mark.parametrize("kind", [protocol.KIND_PING, protocol.KIND_STATUS])
 def test_ping_and_status_are_answered_by_the_supervisor(kind):
     h = Harness(workers=1)
-    h.control(protocol.encode_ping(4, kind))
+    h.control(protocol.encode_control(4, kind))
     (status_code, body), = h.answers().values()
     assert status_code == protocol.STATUS_OK
     if kind == protocol.KIND_STATUS:
@@ -518,3 +516,35 @@ def test_ping_and_status_are_answered_by_the_supervisor(kind):
     else:
         assert body == b""
     assert h.to_workers == []
+
+
+def test_a_retiring_worker_that_dies_hands_its_requests_on_and_is_not_replaced():
+    h = Harness(workers=2)
+    h.ready(0), h.ready(1)
+    relation = next(r for r in range(1, 10_000)
+                    if h.pool.router.choose((1663, 5, r), [0, 1], lambda i: 0, lambda i: True) == 1)
+    h.send(1, relation=relation)
+    (token, _), = h.requests_to(1)
+    h.pool.apply_settings(h.settings(1))
+    retiring = h.process_of(1)
+    retiring.returncode = -9
+    started = len(h.processes)
+    h.tick()
+    assert h.requests_to(0) == [(token, 1)]  # re-sent to the worker left
+    assert sorted(h.pool.slots) == [0] and len(h.processes) == started
+    h.answer(0, token, 1)
+    assert h.answers() == {1: (protocol.STATUS_OK, PAGE)}
+
+
+def test_a_batch_weighs_its_requests_in_the_load_bound():
+    """Load is counted in requests, a batch by its size (docs/client-protocol.md, "Which worker"): after a batch of
+    4 on a relation's worker, its next request spills to the other (counted as one message, it would stay)."""
+    h = Harness(workers=2, spill_factor=0.5)
+    h.ready(0), h.ready(1)
+    tag = BufferTag(1663, 5, 1, 0, 0)
+    parts = [protocol.encode_redo_request(10 + i, tag, 0x1000, None, [WalRecord(0x1000, b"r" * 40)])
+             for i in range(4)]
+    h.control(protocol.encode_batch(2, parts))
+    home = next(slot for slot in (0, 1) if h.requests_to(slot))
+    h.send(3, relation=1)
+    assert [rid for _, rid in h.requests_to(1 - home)] == [3]

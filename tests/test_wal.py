@@ -9,6 +9,7 @@ import pytest
 
 from waldump import waldump
 from walredod.types import BufferTag, format_lsn
+from walredod.pg15 import RM_HEAP_ID
 from walredod.wal import (
     XLOG_BLCKSZ, XLP_FIRST_IS_CONTRECORD, WalDecodeError, WalReader, decode_record, maxalign, verify_crc,
 )
@@ -177,7 +178,7 @@ def test_start_lsn_reads_from_that_record(small_records, small_wal):
 
 # --- decode_record on hand-made records: structure errors are named -----------------------------------------------
 
-def _record(body: bytes, rmid: int = 10) -> bytes:
+def _record(body: bytes, rmid: int = RM_HEAP_ID) -> bytes:
     return struct.pack("<IIQBB2xI", 24 + len(body), 7, 0, 0, rmid, 0) + body
 
 

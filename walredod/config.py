@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 def default_data_dir() -> Path:
@@ -54,6 +54,12 @@ class EngineSettings(Strict):
         description="True when the WAL comes from a cluster with wal_log_hints = on or data checksums: "
         "PostgreSQL's recovery then stamps the heap page of a visibility record with its LSN, and so do we.",
     )
+    wal_format: Literal["vanilla", "neon"] = Field(
+        "vanilla",
+        description="Heap record format of the WAL (kind = 'vanilla'): 'vanilla' for vanilla PostgreSQL 15, "
+        "'neon' for Neon's PostgreSQL 15 compute, whose heap records carry the command id. A record in the other "
+        "format is refused as an invalid request, never applied. Neon's binary (kind = 'neon') reads only 'neon'.",
+    )
     request_timeout: float = Field(60.0, gt=0, description="Seconds a child may take for one request.")
     start_timeout: float = Field(30.0, gt=0, description="Seconds a child may take to start and answer a ping.")
     keep_spare: bool = Field(
@@ -62,6 +68,13 @@ class EngineSettings(Strict):
     shared_buffers_kb: int = Field(
         1024, ge=128, le=1024 * 1024, description="Child's shared_buffers; redo drop cost grows with it."
     )
+
+
+    @model_validator(mode="after")
+    def _neon_binary_reads_neon_wal(self) -> EngineSettings:
+        if self.kind == "neon" and "wal_format" in self.model_fields_set and self.wal_format != "neon":
+            raise ValueError("kind = 'neon' (Neon's binary) reads only wal_format = 'neon'")
+        return self
 
 
 class DaemonSettings(Strict):

@@ -15,14 +15,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from walredod.native import slru, synthesized
-from walredod.native.files import RM_RELMAP_ID
 from walredod.native.visibilitymap import map_block_of
 from walredod.native.xact import parse_transaction_end, prepared_state
+from walredod.pg15 import (
+    RM_CLOG_ID, RM_HEAP2_ID, RM_HEAP_ID, RM_MULTIXACT_ID, RM_RELMAP_ID, RM_SMGR_ID, XLOG_HEAP2_LOCK_UPDATED,
+    XLOG_HEAP2_MULTI_INSERT, XLOG_HEAP_DELETE, XLOG_HEAP_HOT_UPDATE, XLOG_HEAP_INSERT, XLOG_HEAP_LOCK,
+    XLOG_HEAP_OPMASK, XLOG_HEAP_UPDATE,
+)
 from walredod.objects import RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
 from walredod.types import BufferTag, ForkNumber, WalRecord
 from walredod.wal import DecodedRecord
+from walredod.walformat import LAYOUTS, WalFormat
 
-RM_SMGR_ID = 2
 XLOG_SMGR_CREATE = 0x10
 XLOG_SMGR_TRUNCATE = 0x20
 SMGR_TRUNCATE_HEAP = 0x01
@@ -99,17 +103,17 @@ def _start_over(record: DecodedRecord, histories: dict[BufferTag, PageHistory],
 
 # --- objects rebuilt in Python, and visibility-map pages ------------------------------------------------------------
 
-RM_HEAP2_ID, RM_HEAP_ID = 9, 10
 SMGR_TRUNCATE_VM = 0x02
-_VM_CLEARS = {
+VISIBILITY_MAP_CLEARS = {
     # (rmid, op): (offset of the flags byte in the main data, its "cleared" bit, VM bits cleared on block 0)
-    (RM_HEAP_ID, 0x00): (2, 0x01, 0x03),  # insert
-    (RM_HEAP_ID, 0x10): (7, 0x01, 0x03),  # delete
-    (RM_HEAP_ID, 0x60): (7, 0x01, 0x02),  # lock: all-frozen only
-    (RM_HEAP2_ID, 0x50): (0, 0x01, 0x03),  # multi-insert
-    (RM_HEAP2_ID, 0x60): (7, 0x01, 0x02),  # lock of an updated version: all-frozen only
+    (RM_HEAP_ID, XLOG_HEAP_INSERT): (2, 0x01, 0x03),
+    (RM_HEAP_ID, XLOG_HEAP_DELETE): (7, 0x01, 0x03),
+    (RM_HEAP_ID, XLOG_HEAP_LOCK): (7, 0x01, 0x02),  # all-frozen only
+    (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT): (0, 0x01, 0x03),
+    (RM_HEAP2_ID, XLOG_HEAP2_LOCK_UPDATED): (7, 0x01, 0x02),  # all-frozen only
 }
-_UPDATE_OPS = (0x20, 0x40)  # update, HOT update: flags at 7, bit 0 old block, bit 1 new block
+UPDATE_OPS = (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE)  # flags at 7: bit 0 old block, bit 1 new block
+_DELETE_LAYOUT_OPS = (XLOG_HEAP_DELETE, XLOG_HEAP_LOCK)  # delete, lock: their flags move in Neon's format
 
 
 @dataclass
@@ -125,10 +129,13 @@ class ObjectHistory:
         return self.records[-1].lsn
 
 
-def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, int], int, int]]:
-    """(relation, heap block, VM bits) that heap redo of this record clears, with no reference to the map page."""
-    op = record.info & 0x70
-    if record.rmid == RM_HEAP_ID and op in _UPDATE_OPS:
+def visibility_map_clears(record: DecodedRecord,
+                          wal_format: WalFormat = "vanilla") -> list[tuple[tuple[int, int, int], int, int]]:
+    """(relation, heap block, VM bits) that heap redo of this record clears, with no reference to the map page.
+    Neon's compute (``wal_format`` "neon") keeps the flags of delete and lock records elsewhere (walredod.walformat).
+    """
+    op = record.info & XLOG_HEAP_OPMASK
+    if record.rmid == RM_HEAP_ID and op in UPDATE_OPS:
         flags = record.main_data[7]
         new = record.blocks[0].tag
         old = record.block(1).tag if record.block(1) is not None else new
@@ -138,20 +145,24 @@ def visibility_map_clears(record: DecodedRecord) -> list[tuple[tuple[int, int, i
         if flags & 0x02:
             clears.append((new.relation, new.blkno, 0x03))
         return clears
-    rule = _VM_CLEARS.get((record.rmid, op))
+    rule = VISIBILITY_MAP_CLEARS.get((record.rmid, op))
     if rule is None or not record.blocks:
         return []
     offset, bit, bits = rule
+    if record.rmid == RM_HEAP_ID and op in _DELETE_LAYOUT_OPS:
+        offset = LAYOUTS[wal_format].delete_flags
     if len(record.main_data) <= offset or not record.main_data[offset] & bit:
         return []
     block = record.blocks[0].tag
     return [(block.relation, block.blkno, bits)]
 
 
-def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> dict[object, ObjectHistory]:
+def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0,
+                     wal_format: WalFormat = "vanilla") -> dict[object, ObjectHistory]:
     """Histories of every SLRU page, relation map, prepared transaction and visibility-map page that records
     starting at or after ``since_lsn`` change: raw records where PostgreSQL's record names the object, synthesized
-    ones (walredod.native.synthesized) for visibility-map bits heap records clear as a side effect."""
+    ones (walredod.native.synthesized) for visibility-map bits heap records clear as a side effect (read in the
+    heap record layout of ``wal_format``)."""
     histories: dict[object, ObjectHistory] = {}
 
     def add(tag, record: WalRecord) -> ObjectHistory:
@@ -176,14 +187,14 @@ def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> di
         if prepared is not None:
             add(TwoPhaseTag(prepared[0]), raw).starts_empty = True
             continue
-        if record.rmid == slru.RM_CLOG_ID and record.rmgr_info == slru.CLOG_ZEROPAGE:
+        if record.rmid == RM_CLOG_ID and record.rmgr_info == slru.CLOG_ZEROPAGE:
             add(SlruPageTag(SlruKind.CLOG, struct.unpack_from("<i", record.main_data)[0]), raw)
-        elif record.rmid == slru.RM_CLOG_ID and record.rmgr_info == slru.CLOG_TRUNCATE:
+        elif record.rmid == RM_CLOG_ID and record.rmgr_info == slru.CLOG_TRUNCATE:
             cutoff = struct.unpack_from("<i", record.main_data)[0]
             for tag in [t for t in histories if isinstance(t, SlruPageTag) and t.kind == SlruKind.CLOG
                         and slru.clog_truncation_removes(t.pageno, cutoff)]:
                 add(tag, raw)
-        elif record.rmid == slru.RM_MULTIXACT_ID:
+        elif record.rmid == RM_MULTIXACT_ID:
             info = record.rmgr_info
             if info in (slru.XLOG_MULTIXACT_ZERO_OFF_PAGE, slru.XLOG_MULTIXACT_ZERO_MEM_PAGE):
                 kind = (SlruKind.MULTIXACT_OFFSETS if info == slru.XLOG_MULTIXACT_ZERO_OFF_PAGE
@@ -213,7 +224,7 @@ def object_histories(records: Iterable[DecodedRecord], since_lsn: int = 0) -> di
             if block.tag.forknum == ForkNumber.VISIBILITYMAP:
                 add(block.tag, raw)
         by_page: dict[BufferTag, tuple[list[int], int]] = {}
-        for relation, heap_block, bits in visibility_map_clears(record):
+        for relation, heap_block, bits in visibility_map_clears(record, wal_format):
             tag = BufferTag(*relation, ForkNumber.VISIBILITYMAP, map_block_of(heap_block))
             blocks, _ = by_page.setdefault(tag, ([], bits))
             blocks.append(heap_block)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NamedTuple
 
+from walredod.errors import InvalidRequest
+from walredod.pg15 import BLCKSZ, MAX_BLOCK_NUMBER
+from walredod.types import BufferTag, ForkNumber
+
 
 class SlruKind(IntEnum):
     CLOG = 0  # pg_xact: two status bits per transaction
@@ -59,3 +63,54 @@ class TwoPhaseTag(NamedTuple):
 
 SLRU_PAGES_PER_SEGMENT = 32
 RELMAP_FILE_SIZE = 512
+
+
+# --- the one check of tags and base images -------------------------------------------------------------------------
+
+_U32_MAX = 0xFFFFFFFF
+
+
+def _u32(*values: int) -> bool:
+    return all(isinstance(v, int) and 0 <= v <= _U32_MAX for v in values)
+
+
+def check_tag(tag) -> None:
+    """Raise InvalidRequest unless ``tag`` names a page or object walredod rebuilds, with every field in range."""
+    if isinstance(tag, BufferTag):
+        if not _u32(tag.spcnode, tag.dbnode, tag.relnode):
+            raise InvalidRequest(f"tag {tag}: relation OIDs must be unsigned 32-bit numbers")
+        if not (isinstance(tag.forknum, int) and 0 <= tag.forknum <= ForkNumber.INIT):
+            raise InvalidRequest(f"tag {tag}: fork number must be 0 to {int(ForkNumber.INIT)}")
+        if not (isinstance(tag.blkno, int) and 0 <= tag.blkno < MAX_BLOCK_NUMBER):
+            raise InvalidRequest(f"tag {tag}: block number must be below {MAX_BLOCK_NUMBER:#x} (PostgreSQL's limit)")
+    elif isinstance(tag, SlruPageTag):
+        if tag.kind not in list(SlruKind):
+            raise InvalidRequest(f"SLRU kind {tag.kind} is not 0 to {len(SlruKind) - 1}")
+        if not _u32(tag.pageno):
+            raise InvalidRequest(f"{tag}: the page number must be an unsigned 32-bit number")
+    elif isinstance(tag, RelMapTag):
+        if not _u32(tag.spcnode, tag.dbnode):
+            raise InvalidRequest(f"{tag}: tablespace and database OIDs must be unsigned 32-bit numbers")
+    elif isinstance(tag, TwoPhaseTag):
+        if not _u32(tag.xid):
+            raise InvalidRequest(f"{tag}: the xid must be an unsigned 32-bit number")
+    else:
+        raise InvalidRequest(f"{type(tag).__name__} is not a page or object walredod rebuilds")
+
+
+def base_image_size(tag) -> int | None:
+    """Bytes of the object's base image: a page, a relation-map file; None for two-phase state (any size)."""
+    if isinstance(tag, (BufferTag, SlruPageTag)):
+        return BLCKSZ
+    if isinstance(tag, RelMapTag):
+        return RELMAP_FILE_SIZE
+    return None
+
+
+def check_base_image(tag, image, name: str = "base image") -> None:
+    """Raise InvalidRequest unless ``image`` (None: the object does not exist yet) has the size of ``tag``'s
+    object. ``name`` is what the message calls the image."""
+    size = base_image_size(tag)
+    if image is not None and size is not None and len(image) != size:
+        what = "a relation-map file" if isinstance(tag, RelMapTag) else "a page"
+        raise InvalidRequest(f"{name} is {len(image)} bytes, {what} is {size}")

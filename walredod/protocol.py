@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import zmq
 
 from walredod.errors import ERROR_CLASSES, InvalidRequest, UnsupportedVersion, WalredodError
-from walredod.objects import RELMAP_FILE_SIZE, RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag
-from walredod.types import BLCKSZ, BufferTag, WalRecord
+from walredod.objects import RelMapTag, SlruKind, SlruPageTag, TwoPhaseTag, check_base_image, check_tag
+from walredod.types import BufferTag, WalRecord
 
 MAGIC = b"WR"
 VERSION = 1
@@ -29,11 +29,18 @@ OBJECT_SLRU_PAGE = 1  # fork field: SLRU kind (0 pg_xact, 1 multixact offsets, 2
 OBJECT_RELMAP = 2  # tablespace and database fields
 OBJECT_TWOPHASE = 3  # block field: the prepared transaction's xid
 
-# magic, version, kind, request id, timeout ms, lsn, object kind, then the relation page tag.
-REQUEST_HEADER = struct.Struct(">2sBBQIQBBIIII")
-REPLY_HEADER = struct.Struct(">2sBBQ")  # magic, version, status, request id
-_REPLY_STATUS_OFFSET = 3
-MAX_RECORDS = 100_000
+REQUEST_FIELDS = (
+    ("magic", "2s"), ("version", "B"), ("kind", "B"), ("request id", "Q"), ("timeout ms", "I"), ("lsn", "Q"),
+    ("object kind", "B"), ("fork", "B"), ("spcnode", "I"), ("dbnode", "I"), ("relnode", "I"), ("block", "I"),
+)
+REPLY_FIELDS = (("magic", "2s"), ("version", "B"), ("status", "B"), ("request id", "Q"))
+REQUEST_HEADER = struct.Struct(">" + "".join(code for _, code in REQUEST_FIELDS))  # 42 bytes
+REPLY_HEADER = struct.Struct(">" + "".join(code for _, code in REPLY_FIELDS))  # 12 bytes
+_VERSION_OFFSET = 2
+_KIND_OFFSET = 3  # the request kind in a request header, the status in a reply header: both right after the version
+_REQUEST_ID = struct.Struct(">Q")
+_REQUEST_ID_OFFSET = 4
+MAX_RECORDS = 100_000  # records in one redo request
 
 STATUS_OK = 0
 STATUS_CODES = {
@@ -67,6 +74,26 @@ def _lsn_array(count: int) -> struct.Struct:
     return packer
 
 
+def field_offsets(fields) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each field of a header layout (REQUEST_FIELDS, REPLY_FIELDS)."""
+    rows, offset = [], 0
+    for name, code in fields:
+        size = struct.calcsize(">" + code)
+        rows.append((name, offset, size))
+        offset += size
+    return rows
+
+
+def request_kind(header) -> int | None:
+    """The kind byte of a request header frame, None when the frame is too short to hold one."""
+    return header[_KIND_OFFSET] if len(header) > _KIND_OFFSET else None
+
+
+def reply_status(header) -> int:
+    """The status byte of a reply header frame (as a worker sent it; see REPLY_FIELDS)."""
+    return header[_KIND_OFFSET]
+
+
 def tag_fields(tag) -> tuple[int, int, int, int, int, int]:
     """(object kind, fork, spcnode, dbnode, relnode, block) of any tag, as the header carries them."""
     if isinstance(tag, BufferTag):
@@ -88,8 +115,14 @@ def encode_redo_request(request_id: int, tag, lsn: int, base_image: bytes | None
     return [b"", header, base_image if base_image is not None else b"", lsns, *(r[1] for r in records)]
 
 
-def encode_ping(request_id: int, kind: int = KIND_PING) -> list:
-    """A ping (or, with ``kind``, a status or directory request): answered by the supervisor itself."""
+CONTROL_KINDS = (KIND_PING, KIND_STATUS, KIND_DIRECTORY)
+
+
+def encode_control(request_id: int, kind: int = KIND_PING) -> list:
+    """A control request: a ping, status or directory request (``kind``), the header frame alone, its fields after
+    the request id zero. The supervisor answers each; a worker answers pings only."""
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"request kind {kind} is not a ping, status or directory request")
     return [b"", REQUEST_HEADER.pack(MAGIC, VERSION, kind, request_id, 0, 0, 0, 0, 0, 0, 0, 0)]
 
 
@@ -114,7 +147,7 @@ def split_batch(frames: Sequence) -> list[list]:
             raise InvalidRequest(f"batch request {len(parts)} is cut short: a request has at least a header, a base "
                                  f"image and an LSN frame")
         header = frames[position]
-        if len(header) != REQUEST_HEADER.size or header[3] != KIND_REDO:
+        if len(header) != REQUEST_HEADER.size or request_kind(header) != KIND_REDO:
             raise InvalidRequest(f"batch request {len(parts)}: its header frame is not a redo request's")
         records = len(frames[position + 2]) // 8
         end = position + 3 + records
@@ -144,9 +177,11 @@ def decode_batch_reply(frames: Sequence) -> list[tuple[int, int, bytes]]:
 
 
 def peek_request_id(frames: Sequence) -> int | None:
-    """The request id of a message that may be malformed, so that even an error reply names its request."""
-    if len(frames) >= 2 and len(frames[1]) >= 12 and bytes(frames[1][:2]) == MAGIC:
-        return struct.unpack_from(">Q", frames[1], 4)[0]
+    """The request id of a message that may be malformed, so that even an error reply names its request: read
+    whenever the second frame starts with the magic and reaches past the request id, whatever else is wrong."""
+    if (len(frames) >= 2 and len(frames[1]) >= _REQUEST_ID_OFFSET + _REQUEST_ID.size
+            and bytes(frames[1][:len(MAGIC)]) == MAGIC):
+        return _REQUEST_ID.unpack_from(frames[1], _REQUEST_ID_OFFSET)[0]
     return None
 
 
@@ -158,15 +193,16 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
     if len(frames) < 2 or len(frames[0]) != 0:
         raise InvalidRequest("a request starts with an empty delimiter frame, then the header frame")
     header = frames[1]
-    if len(header) < 4 or bytes(header[:2]) != MAGIC:
+    if len(header) <= _KIND_OFFSET or bytes(header[:len(MAGIC)]) != MAGIC:
         raise InvalidRequest("the header frame does not start with the magic bytes 'WR'")
-    if header[2] != VERSION:
-        raise UnsupportedVersion(f"protocol version {header[2]} is not supported; this daemon speaks {VERSION}")
+    if header[_VERSION_OFFSET] != VERSION:
+        raise UnsupportedVersion(f"protocol version {header[_VERSION_OFFSET]} is not supported; this daemon speaks "
+                                 f"{VERSION}")
     if len(header) != REQUEST_HEADER.size:
         raise InvalidRequest(f"the header frame is {len(header)} bytes, expected {REQUEST_HEADER.size}")
     (_magic, _version, kind, request_id, timeout_ms, lsn, object_kind,
      forknum, spcnode, dbnode, relnode, blkno) = REQUEST_HEADER.unpack(header)
-    if kind in (KIND_PING, KIND_STATUS, KIND_DIRECTORY):
+    if kind in CONTROL_KINDS:
         if len(frames) != 2:
             raise InvalidRequest("a ping, status or directory request has only the header frame")
         return Request(request_id, kind, timeout_ms, 0, None, None, [])
@@ -184,9 +220,7 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
         raise InvalidRequest(f"a redo request has at least 4 frames (delimiter, header, base image, LSNs), "
                              f"got {len(frames)}")
     base = frames[2]
-    size = BASE_IMAGE_SIZES.get(object_kind)
-    if len(base) not in (0, size or len(base)):
-        raise InvalidRequest(f"the base image frame is {len(base)} bytes: {tag} has {size} (or empty for none)")
+    check_base_image(tag, base if len(base) else None, "the base image frame")
     lsn_frame = frames[3]
     count = len(frames) - 4
     if count > MAX_RECORDS:
@@ -200,24 +234,19 @@ def decode_request(frames: Sequence, records: bool = True) -> Request:
     return Request(request_id, kind, timeout_ms, lsn, tag, base if len(base) else None, wal_records)
 
 
-BASE_IMAGE_SIZES = {OBJECT_RELATION_PAGE: BLCKSZ, OBJECT_SLRU_PAGE: BLCKSZ, OBJECT_RELMAP: RELMAP_FILE_SIZE,
-                    OBJECT_TWOPHASE: None}
-
-
 def _tag(object_kind: int, forknum: int, spcnode: int, dbnode: int, relnode: int, blkno: int):
     if object_kind == OBJECT_RELATION_PAGE:
-        if forknum > 3:
-            raise InvalidRequest(f"fork number {forknum} is not 0 to 3")
-        return BufferTag(spcnode, dbnode, relnode, forknum, blkno)
-    if object_kind == OBJECT_SLRU_PAGE:
-        if forknum > 2:
-            raise InvalidRequest(f"SLRU kind {forknum} is not 0 to 2")
-        return SlruPageTag(SlruKind(forknum), blkno)
-    if object_kind == OBJECT_RELMAP:
-        return RelMapTag(spcnode, dbnode)
-    if object_kind == OBJECT_TWOPHASE:
-        return TwoPhaseTag(blkno)
-    raise InvalidRequest(f"unknown object kind {object_kind}")
+        tag = BufferTag(spcnode, dbnode, relnode, forknum, blkno)
+    elif object_kind == OBJECT_SLRU_PAGE:
+        tag = SlruPageTag(forknum, blkno)
+    elif object_kind == OBJECT_RELMAP:
+        tag = RelMapTag(spcnode, dbnode)
+    elif object_kind == OBJECT_TWOPHASE:
+        tag = TwoPhaseTag(blkno)
+    else:
+        raise InvalidRequest(f"unknown object kind {object_kind}")
+    check_tag(tag)
+    return tag._replace(kind=SlruKind(forknum)) if object_kind == OBJECT_SLRU_PAGE else tag
 
 
 def routing_key(tag) -> tuple[int, int, int]:
@@ -248,12 +277,6 @@ def encode_reply(request_id: int, page) -> list:
 def encode_error(request_id: int, error: WalredodError) -> list:
     status = STATUS_CODES.get(error.code, STATUS_CODES["internal"])
     return [b"", REPLY_HEADER.pack(MAGIC, VERSION, status, request_id), str(error).encode("utf-8", "replace")]
-
-
-def reply_status(frames: Sequence) -> int:
-    """The status of a reply given as its frames, delimiter first (bytes, buffers or ZeroMQ frames), without
-    decoding the rest."""
-    return memoryview(frames[1])[_REPLY_STATUS_OFFSET]
 
 
 def decode_reply(frames: Sequence) -> tuple[int, int, bytes]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NamedTuple
 
-BLCKSZ = 8192
-"""Size of a relation page; PostgreSQL's default build, the only one we serve."""
+
+from walredod.pg15 import BLCKSZ
 
 ZERO_PAGE = bytes(BLCKSZ)
 

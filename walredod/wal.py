@@ -20,13 +20,13 @@ from pathlib import Path
 
 import crc32c
 
+from walredod.pg15 import RM_MAX_BUILTIN_ID, RM_MIN_CUSTOM_ID, RM_XLOG_ID, XLR_RMGR_INFO_MASK, rmgr_name
 from walredod.types import BufferTag, WalRecord, format_lsn
 
 XLOG_BLCKSZ = 8192
 XLOG_PAGE_MAGIC = 0xD110  # PostgreSQL 15's WAL format
 SHORT_PAGE_HEADER = 24
 LONG_PAGE_HEADER = 40
-RECORD_HEADER = 24
 MAX_RECORD_LEN = 1 << 30  # PostgreSQL cannot allocate a larger record
 
 XLP_FIRST_IS_CONTRECORD = 0x01
@@ -49,21 +49,14 @@ XLR_BLOCK_ID_DATA_LONG = 254
 XLR_BLOCK_ID_ORIGIN = 253
 XLR_BLOCK_ID_TOPLEVEL_XID = 252
 
-RM_XLOG_ID = 0
 XLOG_SWITCH = 0x40
-RM_MAX_BUILTIN_ID = 21
-RM_MIN_CUSTOM_ID = 128
-
-# PostgreSQL 15's built-in resource managers, by id, under the names pg_waldump prints.
-RMGR_NAMES = (
-    "XLOG", "Transaction", "Storage", "CLOG", "Database", "Tablespace", "MultiXact", "RelMap", "Standby", "Heap2",
-    "Heap", "Btree", "Hash", "Gin", "Gist", "Sequence", "SPGist", "BRIN", "CommitTs", "ReplicationOrigin",
-    "Generic", "LogicalMessage",
-)
 
 _page_header = struct.Struct("<HHIQI")  # magic, info, tli, pageaddr, rem_len
 _long_header_tail = struct.Struct("<QII")  # sysid, seg_size, xlog_blcksz
-_record_header = struct.Struct("<IIQBB2xI")  # tot_len, xid, prev, info, rmid, crc
+RECORD_HEADER_LAYOUT = struct.Struct("<IIQBB2xI")  # xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid, pad, xl_crc
+RECORD_HEADER = RECORD_HEADER_LAYOUT.size  # 24
+_CRC_OFFSET = RECORD_HEADER - 4
+_record_header = RECORD_HEADER_LAYOUT
 _u8 = struct.Struct("<B").unpack_from
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -75,12 +68,6 @@ _SEGMENT_NAME = re.compile(r"^[0-9A-F]{24}$")
 
 def maxalign(n: int) -> int:
     return (n + 7) & ~7
-
-
-def rmgr_name(rmid: int) -> str:
-    if rmid < len(RMGR_NAMES):
-        return RMGR_NAMES[rmid]
-    return f"custom{rmid}" if rmid >= RM_MIN_CUSTOM_ID else f"unknown{rmid}"
 
 
 class WalDecodeError(ValueError):
@@ -154,7 +141,7 @@ class DecodedRecord:
     @property
     def rmgr_info(self) -> int:
         """The rmgr-specific bits of xl_info (the record type)."""
-        return self.info & 0xF0
+        return self.info & XLR_RMGR_INFO_MASK
 
     @property
     def is_switch(self) -> bool:
@@ -176,11 +163,24 @@ class DecodedRecord:
                 f"lsn {format_lsn(self.start_lsn)}{': ' + blocks if blocks else ''}")
 
 
+def record_total_length(raw: bytes | memoryview) -> int:
+    """xl_tot_len of a raw record (at least 4 bytes of it)."""
+    return _u32(raw, 0)[0]
+
+
+def seal_record(xid: int, prev: int, info: int, rmid: int, body: bytes) -> bytes:
+    """A whole record from its header fields and body (block headers, images and data, main data): xl_tot_len
+    and xl_crc filled in as XLogRecordAssemble and XLogInsert do."""
+    header = RECORD_HEADER_LAYOUT.pack(RECORD_HEADER + len(body), xid, prev, info, rmid, 0)
+    crc = crc32c.crc32c(header[:_CRC_OFFSET], crc32c.crc32c(body))
+    return header[:_CRC_OFFSET] + struct.pack("<I", crc) + body
+
+
 def verify_crc(raw: bytes | memoryview) -> bool:
     """True when the record's xl_crc matches: CRC32C of the payload, then of the header up to xl_crc."""
     crc = crc32c.crc32c(raw[RECORD_HEADER:])
-    crc = crc32c.crc32c(raw[:RECORD_HEADER - 4], crc)
-    return crc == _u32(raw, RECORD_HEADER - 4)[0]
+    crc = crc32c.crc32c(raw[:_CRC_OFFSET], crc)
+    return crc == _u32(raw, _CRC_OFFSET)[0]
 
 
 def decode_record(raw: bytes, start_lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:
@@ -490,7 +490,7 @@ class WalReader:
         if not verify_crc(raw):
             raise _EndOfWal(f"{where}: CRC32C mismatch")
         end_lsn = maxalign(end)
-        if rmid == RM_XLOG_ID and info & 0xF0 == XLOG_SWITCH:
+        if rmid == RM_XLOG_ID and info & XLR_RMGR_INFO_MASK == XLOG_SWITCH:
             end_lsn = -(-end_lsn // self.segment_size) * self.segment_size  # the rest of the segment is unused
         try:
             return decode_record(raw, pos, end_lsn)

@@ -16,17 +16,28 @@ RECORD_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("walredod_requests", "Requests answered, by outcome (ok or error code).",
+        self.requests = Counter("walredod_requests",
+                                "Requests the supervisor answered, by outcome (ok or the error code); a batch "
+                                "counts once. Requests sent straight to a worker (the direct data path) are not "
+                                "counted here: see walredod_worker_requests_served.",
                                 ["status"], registry=self.registry)
-        self.latency = Histogram("walredod_request_seconds", "Time from accepting a request to its reply.",
+        self.latency = Histogram("walredod_request_seconds",
+                                 "Time from the supervisor accepting a request to its reply, for requests answered "
+                                 "ok through the supervisor (not the direct data path).",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.records = Histogram("walredod_records_per_request", "WAL records in a redo request.",
+        self.records = Histogram("walredod_records_per_request",
+                                 "WAL records in a redo request answered ok through the supervisor (a batch "
+                                 "counts as one request of 0 records).",
                                  buckets=RECORD_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("walredod_queue_depth", "Requests waiting for a worker.", registry=self.registry)
-        self.in_flight = Gauge("walredod_worker_in_flight", "Requests held by a worker.", ["slot"],
+        self.queue_depth = Gauge("walredod_queue_depth", "Requests the supervisor accepted that wait for a worker.",
+                                 registry=self.registry)
+        self.in_flight = Gauge("walredod_worker_in_flight",
+                               "Requests (a batch counts once) the supervisor handed to a worker and has no reply "
+                               "to yet; direct requests are not counted.", ["slot"],
                                registry=self.registry)
         self.served = Gauge("walredod_worker_requests_served",
-                            "Requests a worker has answered since it started (both paths), from its heartbeats.",
+                            "Requests a worker has answered ok since it started, on both paths, each request of a "
+                            "batch counted, from its heartbeats.",
                             ["slot"], registry=self.registry)
         self.restarts = Counter("walredod_worker_restarts", "Workers that ended and were replaced, by cause.",
                                 ["cause"], registry=self.registry)

@@ -87,6 +87,7 @@ class Pending:
     accepted: float
     records: int
     size: int  # bytes of all its frames
+    requests: int = 1  # a batch's size: load is counted in requests, as clients count theirs
     attempts: int = 0
     slot: int | None = None
 
@@ -218,14 +219,14 @@ class Pool:
         """Notice workers that exited (the supervisor calls this on SIGCHLD, and housekeeping does too)."""
         for slot in self.slots.values():
             process = slot.process
-            if process is None or process.poll() is None:
+            returncode = process.poll() if process is not None else None
+            if returncode is None:
                 continue
             if slot.retiring and slot.stop_sent and not slot.in_flight:
                 log.info("slot %d: worker %d retired", slot.index, process.pid)
                 self.by_identity.pop(slot.identity, None)
                 slot.process = None
                 continue
-            returncode = process.poll()
             self.worker_gone(slot, "exited" if returncode >= 0 else f"killed by signal {-returncode}")
 
     def worker_gone(self, slot: Slot, cause: str) -> None:
@@ -253,17 +254,16 @@ class Pool:
         slot.in_flight.clear()
         slot.owed.clear()
         self.metrics.set_in_flight(slot.index, 0)
-        if slot.retiring:
-            return
-        slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
-        if slot.failed_starts >= self.settings.daemon.max_failed_starts:
-            slot.parked = True
-            log.error("slot %d: worker failed to start %d times in a row; slot parked until reload (SIGHUP)",
-                      slot.index, slot.failed_starts)
-            self._refuse_waiting_if_nothing_can_serve()
-            return
-        slot.next_start = self.clock() + self.backoff(slot.failed_starts)
-        self.dispatch()
+        if not slot.retiring:  # a retiring slot is not restarted: housekeeping removes it
+            slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
+            if slot.failed_starts >= self.settings.daemon.max_failed_starts:
+                slot.parked = True
+                log.error("slot %d: worker failed to start %d times in a row; slot parked until reload (SIGHUP)",
+                          slot.index, slot.failed_starts)
+                self._refuse_waiting_if_nothing_can_serve()
+            else:
+                slot.next_start = self.clock() + self.backoff(slot.failed_starts)
+        self.dispatch()  # to the workers left, at once
 
     def backoff(self, failed_starts: int) -> float:
         """Seconds before restarting a slot whose last ``failed_starts`` workers never became ready (0: a worker
@@ -300,9 +300,8 @@ class Pool:
             slot.owed.discard(token)  # we answered it already (timeout); the worker's credit comes back
         slot.credit += 1
         if pending is not None and self.pending.pop(token, None) is not None:
-            reply = [b"", *frames[3:]]
-            pending.frontend.send(pending.client, reply)
-            self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(reply), "ok"),
+            pending.frontend.send(pending.client, [b"", *frames[3:]])  # a batch's reply has more frames
+            self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(frames[3].buffer), "ok"),
                                  now - pending.accepted, pending.records)
             self.released(pending)
             slot.served += 1
@@ -314,13 +313,19 @@ class Pool:
         """A client message as received on ``frontend``: its identity, then the request, delimiter first."""
         client = frames[0].bytes
         body = [f.buffer for f in frames[1:]]
+        # The checks in the order of docs/client-protocol.md, "How the daemon checks a request".
         try:
+            if self.stopping:
+                raise Unavailable("the daemon is stopping")
+            size = sum(len(f) for f in body)
+            if size > self.settings.daemon.max_request_bytes:
+                raise InvalidRequest(f"request of {size} bytes is over the limit of "
+                                     f"{self.settings.daemon.max_request_bytes}")
             request = protocol.decode_request(body, records=False)
             if request.kind in _CONTROL_KINDS:
                 frontend.send(client, protocol.encode_reply(request.request_id, self.control_reply(frontend,
                                                                                                    request.kind)))
                 return
-            size = sum(len(f) for f in body)
             self.admit(frontend, client, size)
         except WalredodError as error:
             self.metrics.observe(error.code, 0.0, 0)
@@ -332,7 +337,8 @@ class Pool:
         # Records: the frames after each request's header, base image and LSN frame (a batch has its own header).
         records = len(body) - 4 if request.batch is None else len(body) - 2 - 3 * len(request.batch)
         self.pending[token] = Pending(frontend, client, request.request_id, frames[2:],
-                                      protocol.routing_key(request.tag), now + timeout, now, records, size)
+                                      protocol.routing_key(request.tag), now + timeout, now, records, size,
+                                      len(request.batch) if request.batch else 1)
         self.budget.take(self.pending[token].owner, size)
         self.waiting.append(token)
         self.dispatch()
@@ -350,12 +356,8 @@ class Pool:
     # the daemon holds (a byte budget, fairness between clients would go here, with ``released`` undoing them).
 
     def admit(self, frontend: Frontend, client: bytes, size: int) -> None:
-        """Raises the error to answer instead of taking a request of ``size`` bytes from ``client``."""
-        d = self.settings.daemon
-        if self.stopping:
-            raise Unavailable("the daemon is stopping")
-        if size > d.max_request_bytes:
-            raise InvalidRequest(f"request of {size} bytes is over the limit of {d.max_request_bytes}")
+        """Raises the error to answer instead of taking a well-formed redo request or batch of ``size`` bytes from
+        ``client`` (the last of the checks)."""
         if self.slots and all(slot.parked for slot in self.slots.values()):
             raise Unavailable("no worker can start (see the daemon's log and `walredod status`)")
         if refusal := self.budget.refusal((frontend.endpoint, client), size):
@@ -374,7 +376,7 @@ class Pool:
         workers have credit."""
         slots = self.slots
         ready = [s.index for s in slots.values() if s.takes_work]
-        load = lambda i: len(slots[i].in_flight)  # noqa: E731
+        load = lambda i: sum(p.requests for p in slots[i].in_flight.values())  # noqa: E731
         has_credit = lambda i: slots[i].credit > 0  # noqa: E731
         while self.waiting:
             token = self.waiting[0]
@@ -382,7 +384,7 @@ class Pool:
             if pending is None:  # answered meanwhile (an error)
                 self.waiting.popleft()
                 continue
-            index = self.router.choose(pending.key, ready, load, has_credit)
+            index = self.router.choose(pending.key, ready, load, has_credit, pending.requests)
             if index is None:
                 break
             self.waiting.popleft()
@@ -486,7 +488,7 @@ class Pool:
         takes new work. A client re-sends through us whatever it had sent to a worker that is no longer listed
         with the same pid (docs/client-protocol.md). Clients that came in by tcp get no direct path: the workers'
         endpoints are ipc sockets on this machine."""
-        direct = local and self.direct_base is not None and not self.stopping
+        direct = local and self.direct_base is not None
         workers = [{"slot": s.index, "pid": s.process.pid if s.process else None, "endpoint": s.direct_endpoint,
                     "ready": s.takes_work and s.process is not None}
                    for s in self.slots.values() if direct and s.direct_endpoint]

@@ -3,8 +3,9 @@
 Every (relation, worker slot) pair gets a pseudo-random weight; a relation goes to its highest-weight slot, so it
 stays on the same warm worker across restarts (slots are numbered, pids are not) and only the relations of a slot
 that comes or goes move. To keep one hot relation from overloading its worker while others idle (consistent hashing
-with bounded loads, Mirrokni, Thorup and Zadimoghaddam), a slot already holding more than ``(1 + spill) x`` the
-average load is passed over for the next-ranked one.
+with bounded loads, Mirrokni, Thorup and Zadimoghaddam), a slot already holding its share of the load is passed over
+for the next-ranked one: load is counted in requests (each request of a batch counts), and the average includes
+what is being placed (docs/client-protocol.md, "Which worker").
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class Router:
         self._cache_for: tuple[int, ...] = ()
 
     def choose(self, key: tuple[int, ...], slots: Sequence[int], load: Callable[[int], int],
-               can_take: Callable[[int], bool]) -> int | None:
-        """The best slot for ``key`` among ``slots`` that ``can_take`` work and are not over the load bound."""
+               can_take: Callable[[int], bool], weight: int = 1) -> int | None:
+        """The best slot for ``key`` among ``slots`` that ``can_take`` work and are below the load bound
+        ``max(1, ceil((1 + spill_factor) x (total load + weight) / slots))``; when every slot that can take work is
+        at or over it, the best-ranked of those. ``weight``: the requests being placed (a batch's size)."""
         if not slots:
             return None
         slots_key = tuple(slots)
@@ -50,7 +53,7 @@ class Router:
             if len(self._ranking_cache) > 100_000:
                 self._ranking_cache.clear()
             self._ranking_cache[key] = ranking
-        total = sum(load(slot) for slot in slots) + 1
+        total = sum(load(slot) for slot in slots) + weight
         bound = max(1, math.ceil((1 + self.spill_factor) * total / len(slots)))
         fallback = None
         for slot in ranking:

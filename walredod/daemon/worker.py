@@ -66,9 +66,11 @@ class RequestServer:
         self.expect_busy = expect_busy  # told a direct request's deadline before the work starts
         self.requests = 0
 
-    def serve(self, frames: list, deadline: float | None) -> list:
+    def serve(self, frames: list, deadline: float | None, taken: float | None = None) -> list:
         """One request's reply frames: the page, or a typed error. ``deadline`` None: a direct request, whose
-        deadline is its own timeout from now."""
+        deadline is its own timeout from ``taken`` (default: now), when this worker took it off its socket:
+        receiving, decoding and checking count against it as much as redo does."""
+        taken = taken if taken is not None else time.monotonic()
         request_id = protocol.peek_request_id(frames) or 0
         try:
             if deadline is None:
@@ -82,7 +84,7 @@ class RequestServer:
                 raise InvalidRequest("status and directory requests go to the supervisor, not to a worker")
             if deadline is None:
                 timeout = request.timeout_ms / 1000 if request.timeout_ms else self.engine.settings.request_timeout
-                deadline = time.monotonic() + timeout
+                deadline = taken + timeout
                 self.expect_busy(deadline)
             if request.kind == protocol.KIND_BATCH:
                 # Each request of the batch is answered on its own, an error included; the batch shares the deadline.
@@ -100,19 +102,18 @@ class RequestServer:
         if not isinstance(request.tag, BufferTag):
             # pg_xact, MultiXact, relation-map and two-phase objects: rebuilt here, in Python. An object that
             # does not exist (a finished prepared transaction) is answered with an empty body.
-            return rebuild_object(request.tag, request.base_image, request.records) or b""
+            return rebuild_object(request.tag, request.base_image, request.records, deadline) or b""
         records = request.records
         for attempt in (1, 2):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() >= deadline:
                 raise RedoTimeout("the request's deadline passed before it could be served")
             try:
                 if request.tag.forknum == ForkNumber.VISIBILITYMAP and any(
                         synthesized.is_synthesized(r.data) for r in records):
                     page = rebuild_visibility_map_page(self.engine, request.tag, request.lsn, request.base_image,
-                                                       records, timeout=remaining)
+                                                       records, deadline)
                     return page or b""  # cut off by a truncation
-                return self.engine.redo(request.tag, request.lsn, request.base_image, records, timeout=remaining)
+                return self.engine.redo(request.tag, request.lsn, request.base_image, records, deadline=deadline)
             except InvalidRequest:
                 raise
             except RedoFailed as failure:
@@ -244,12 +245,13 @@ class Worker:
         served = 0
         while until_empty or served < _BURST:
             served += 1
+            taken = time.monotonic()
             try:
                 frames = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             body = [f.buffer for f in frames[1:]]
-            reply = self.server.serve(body, None)
+            reply = self.server.serve(body, None, taken)
             try:
                 direct.send(frames[0], _SNDMORE_NOBLOCK)  # EAGAIN: the client's unread replies are at the limit
             except zmq.ZMQError:  # ... or the client left: nobody to answer

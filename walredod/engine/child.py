@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 
 from walredod.engine.pipe import PING, WARMUP
-from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
+from walredod.errors import RedoFailed, RedoTimeout, Unavailable, WalredodError, error_for_sqlstate
 from walredod.types import BLCKSZ
 
 log = logging.getLogger("walredod.child")
 
-# SQLSTATEs our extension uses for requests that are wrong in themselves (see pgext/walredod_redo.c).
-_INVALID_REQUEST_SQLSTATES = {"08P01", "XX001", "0A000", "22023"}
 _SQLSTATE_LINE = re.compile(r"\b(ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):\s+(.*)")
 
 
@@ -89,8 +87,9 @@ class RedoChild:
             self.read_page(timeout)
             self._replies_pending -= 1
 
-    def request(self, message: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
+    def request(self, message: bytes, deadline: float, timeout: float) -> bytes:
+        """Send one request and read its page, both by ``deadline`` (time.monotonic()); past it the child is
+        killed (RedoTimeout). ``timeout`` is the request's, for the error message."""
         self._write(message, deadline)
         return self.read_page(timeout, deadline)
 
@@ -132,9 +131,6 @@ class RedoChild:
 
     # --- life and death -----------------------------------------------------------------------------------------
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def kill(self) -> None:
         if self.process.poll() is None:
             try:
@@ -172,7 +168,7 @@ class RedoChild:
             match = _SQLSTATE_LINE.search(line)
             if match:
                 level, sqlstate, message = match.groups()
-                cls = InvalidRequest if sqlstate in _INVALID_REQUEST_SQLSTATES else RedoFailed
+                cls = error_for_sqlstate(sqlstate)
                 return cls(f"{message} ({level} {sqlstate})")
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         last = self._stderr_tail[-1] if self._stderr_tail else "no message"

@@ -1,8 +1,9 @@
 """The files a redo child needs: PostgreSQL binaries, our extension, and a scratch datadir.
 
 initdb takes about a second, so one template cluster is initdb'd once per data directory (under a lock, so parallel
-engines and workers share it) and each child slot gets a copy. A slot's datadir is reused by every child that runs in
-the slot: PostgreSQL itself cleans up after a killed predecessor (stale lock file, crash recovery of an idle cluster).
+engines and workers share it) and each child gets a copy of its own (a child datadir, under ``children/``). An
+engine reuses a dead child's datadir for a later child: PostgreSQL itself cleans up after a killed predecessor (stale
+lock file, crash recovery of an idle cluster).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_AS = "walredod"
 EXTENSION_NAME = "walredod_redo.so"
+CHILD_DATADIRS = "children"  # under the data directory: one datadir per redo child
 # Databases the child never connects to; dropping their files makes each copy a third of the size.
 _UNUSED_DATABASE_DIRS = ("base/1", "base/4")
-_slot_counter = itertools.count()
+_child_datadir_counter = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,14 @@ def _missing(path: Path, directory: bool = False) -> str:
 
 
 class DataDirectory:
-    """The engine's data directory: the template cluster, a private copy of the extension, child slots."""
+    """The engine's data directory: the template cluster, a private copy of the extension, child datadirs."""
 
     def __init__(self, settings: EngineSettings, run_as: RunAs):
         self.root = Path(settings.data_dir)
         self.run_as = run_as
         self.postgres_bin = find_postgres_bin(settings)
         self._make_dir(self.root)
-        self._make_dir(self.root / "slots")
+        self._make_dir(self.root / CHILD_DATADIRS)
 
     def _make_dir(self, path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -210,25 +212,25 @@ class DataDirectory:
             shutil.rmtree(building / unused, ignore_errors=True)
         os.rename(building, template)
 
-    def new_slot(self) -> Path:
+    def new_child_datadir(self) -> Path:
         """A fresh child datadir copied from the template; the engine removes it when it closes."""
         template = self.template()
-        self.remove_abandoned_slots()
-        slot = self.root / "slots" / f"{os.getpid()}-{next(_slot_counter)}"
-        shutil.rmtree(slot, ignore_errors=True)
+        self.remove_abandoned_child_datadirs()
+        datadir = self.root / CHILD_DATADIRS / f"{os.getpid()}-{next(_child_datadir_counter)}"
+        shutil.rmtree(datadir, ignore_errors=True)
         # cp as the child's user: ownership comes out right, and it is faster than a Python tree copy.
-        done = self._run(["cp", "-a", str(template), str(slot)])
+        done = self._run(["cp", "-a", str(template), str(datadir)])
         if done.returncode != 0:
             raise Unavailable(f"copying the template cluster failed: {done.stderr.strip()}")
-        return slot
+        return datadir
 
-    def remove_abandoned_slots(self) -> None:
-        """Slots of processes that are gone (killed without closing their engine)."""
-        for slot in (self.root / "slots").iterdir():
-            pid = slot.name.split("-", 1)[0]
+    def remove_abandoned_child_datadirs(self) -> None:
+        """Child datadirs of processes that are gone (killed without closing their engine)."""
+        for datadir in (self.root / CHILD_DATADIRS).iterdir():
+            pid = datadir.name.split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
-                log.info("removing the abandoned child datadir %s", slot)
-                shutil.rmtree(slot, ignore_errors=True)
+                log.info("removing the abandoned child datadir %s", datadir)
+                shutil.rmtree(datadir, ignore_errors=True)
 
 
 def _process_exists(pid: int) -> bool:

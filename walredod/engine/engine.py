@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +20,12 @@ from walredod.engine.child import ChildDied, ChildGone, RedoChild
 from walredod.engine.datadir import DataDirectory, RunAs, find_extension
 from walredod.engine.pipe import PING, encode_request
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
-from walredod.types import BLCKSZ, ZERO_PAGE, BufferTag, WalRecord
+from walredod.objects import check_base_image, check_tag
+from walredod.types import ZERO_PAGE, BufferTag, WalRecord
+from walredod.wal import RECORD_HEADER, record_total_length
 
 log = logging.getLogger(__name__)
 
-_U32_MAX = 0xFFFFFFFF
-_MAX_BLOCK_NUMBER = 0xFFFFFFFE  # PostgreSQL's MaxBlockNumber: blocks are numbered below it
-_XLOG_RECORD_HEADER_LEN = 24
-_read_tot_len = struct.Struct("<I").unpack_from
 
 # Settings for the scratch cluster's single-user backend: small shared memory, nothing in the background, errors
 # with their SQLSTATE so the engine can tell a bad request from a redo failure.
@@ -81,9 +79,9 @@ class RedoEngine:
         self._run_as = RunAs.for_settings(settings)
         self._data = None
         self._extension: Path | None = None
-        self._free_slots: list[Path] = []
-        self._all_slots: list[Path] = []
-        self._slot_of: dict[int, Path] = {}
+        self._free_datadirs: list[Path] = []  # of dead children, for new ones
+        self._all_datadirs: list[Path] = []
+        self._datadir_of: dict[int, Path] = {}  # child pid -> its datadir
         self._active: RedoChild | None = None
         self._spare: RedoChild | None = None
         self._spare_wanted = False
@@ -115,15 +113,22 @@ class RedoEngine:
         base_image: bytes | None,
         records: Sequence[WalRecord],
         timeout: float | None = None,
+        *,
+        deadline: float | None = None,
     ) -> bytes:
         """The page ``tag`` as of ``lsn``: ``base_image`` (None: the page did not exist) with ``records`` applied.
 
         ``records`` are the page's records in WAL order, each ``WalRecord(lsn=<end LSN>, data=<raw XLogRecord>)``.
-        Raises InvalidRequest, RedoFailed, RedoTimeout or Unavailable (walredod.errors).
+        The whole call, checks and encoding included, ends by ``deadline`` (time.monotonic()), or ``timeout``
+        seconds from now (default: the settings' request_timeout). Raises InvalidRequest, RedoFailed, RedoTimeout
+        or Unavailable (walredod.errors).
         """
+        started = time.monotonic()
+        if deadline is None:
+            deadline = started + (timeout if timeout is not None else self.settings.request_timeout)
         check_request(tag, lsn, base_image, records)
         message = encode_request(tag, base_image, records)
-        page = self._call(message, timeout)
+        page = self._call(message, deadline - started, deadline=deadline)
         self.stats.requests += 1
         self.stats.records += len(records)
         return page
@@ -149,10 +154,10 @@ class RedoEngine:
                 child.close()
         self._active = self._spare = None
         self._bury_dead()
-        for slot in self._all_slots:
-            shutil.rmtree(slot, ignore_errors=True)
-        self._all_slots.clear()
-        self._free_slots.clear()
+        for datadir in self._all_datadirs:
+            shutil.rmtree(datadir, ignore_errors=True)
+        self._all_datadirs.clear()
+        self._free_datadirs.clear()
 
     def __enter__(self) -> RedoEngine:
         return self
@@ -166,16 +171,23 @@ class RedoEngine:
 
     # --- children -----------------------------------------------------------------------------------------------
 
-    def _call(self, message: bytes, timeout: float | None) -> bytes:
+    def _call(self, message: bytes, timeout: float | None = None, *, deadline: float | None = None) -> bytes:
+        """The child's answer to ``message``, by ``deadline`` or within ``timeout`` seconds (the settings'
+        request_timeout by default); ``timeout`` also names the time allowed in a RedoTimeout's message."""
         if self._closed:
             raise Unavailable("the redo engine is closed")
-        timeout = timeout if timeout is not None else self.settings.request_timeout
+        if timeout is None:
+            timeout = self.settings.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         if self._spare_wanted or self._dead:
             self.start_spare()
         for _attempt in range(2):
+            if time.monotonic() >= deadline:  # the child has not seen the request: it stays
+                raise RedoTimeout("the request's deadline passed before its records reached the redo child")
             child = self._active or self._take_over()
             try:
-                return child.request(message, timeout)
+                return child.request(message, deadline, timeout)
             except ChildGone:
                 # Died while idle: it never saw this request, so the next child may serve it.
                 self._child_died(child, "died idle")
@@ -190,7 +202,7 @@ class RedoEngine:
         raise last.death_error()
 
     def _child_died(self, child: RedoChild, cause: str) -> None:
-        """Forget a dead (or hung) child. It is reaped and its slot reused later, off the request's path."""
+        """Forget a dead (or hung) child. It is reaped and its datadir reused later, off the request's path."""
         log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
         self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
         if cause != "died idle":  # an idle child that hung up is already dead; reaping it can wait
@@ -204,7 +216,7 @@ class RedoEngine:
     def _bury_dead(self) -> None:
         for child in self._dead:
             child.close()
-            self._release_slot(child)
+            self._release_datadir(child)
         self._dead.clear()
 
     def start_spare(self) -> None:
@@ -243,26 +255,27 @@ class RedoEngine:
             argv = [str(self.settings.neon_postgres_bin), "--wal-redo"]
             env = {"LD_LIBRARY_PATH": self.settings.neon_ld_library_path}
             cwd = self.settings.data_dir if self.settings.data_dir.is_dir() else None
-            slot = None
+            datadir = None
         else:
-            slot = self._free_slots.pop() if self._free_slots else self._new_slot()
-            argv = [str(self._data.postgres_bin), "--single", "-D", str(slot),
+            datadir = self._free_datadirs.pop() if self._free_datadirs else self._new_child_datadir()
+            argv = [str(self._data.postgres_bin), "--single", "-D", str(datadir),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
-                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}"]
+                    "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
+                    "-c", f"walredod.wal_format={self.settings.wal_format}"]
             for guc in _CHILD_GUCS:
                 argv += ["-c", guc]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-            cwd = slot
+            cwd = datadir
         try:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
         except Unavailable:
-            if slot is not None:
-                self._free_slots.append(slot)
+            if datadir is not None:
+                self._free_datadirs.append(datadir)
             raise
-        if slot is not None:
-            self._slot_of[child.pid] = slot
+        if datadir is not None:
+            self._datadir_of[child.pid] = datadir
         self.stats.children_started += 1
         try:
             child.send_warmup()
@@ -270,35 +283,28 @@ class RedoEngine:
             pass  # wait_ready reports it
         return child
 
-    def _new_slot(self) -> Path:
-        slot = self._data.new_slot()
-        self._all_slots.append(slot)
-        return slot
+    def _new_child_datadir(self) -> Path:
+        datadir = self._data.new_child_datadir()
+        self._all_datadirs.append(datadir)
+        return datadir
 
-    def _release_slot(self, child: RedoChild) -> None:
-        slot = self._slot_of.pop(child.pid, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+    def _release_datadir(self, child: RedoChild) -> None:
+        datadir = self._datadir_of.pop(child.pid, None)
+        if datadir is not None:
+            self._free_datadirs.append(datadir)
 
 
 def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:
     """Refuse what would make the child fail for reasons we can see without decoding a record."""
     if not isinstance(tag, BufferTag):
         raise InvalidRequest(f"tag must be a BufferTag, not {type(tag).__name__}")
-    spcnode, dbnode, relnode, forknum, blkno = tag
-    if not (0 <= spcnode <= _U32_MAX and 0 <= dbnode <= _U32_MAX and 0 <= relnode <= _U32_MAX):
-        raise InvalidRequest(f"tag {tag}: relation OIDs must be unsigned 32-bit numbers")
-    if not 0 <= forknum <= 3:
-        raise InvalidRequest(f"tag {tag}: fork number must be 0 to 3")
-    if not 0 <= blkno < _MAX_BLOCK_NUMBER:
-        raise InvalidRequest(f"tag {tag}: block number must be below {_MAX_BLOCK_NUMBER:#x} (PostgreSQL's limit)")
-    if base_image is not None and len(base_image) != BLCKSZ:
-        raise InvalidRequest(f"base image is {len(base_image)} bytes, a page is {BLCKSZ}")
+    check_tag(tag)
+    check_base_image(tag, base_image)
     previous = 0
     for i, (rec_lsn, data) in enumerate(records):
-        if len(data) < _XLOG_RECORD_HEADER_LEN:
+        if len(data) < RECORD_HEADER:
             raise InvalidRequest(f"record {i} is {len(data)} bytes, shorter than a record header")
-        tot_len = _read_tot_len(data)[0]
+        tot_len = record_total_length(data)
         if tot_len != len(data):
             raise InvalidRequest(f"record {i}: xl_tot_len says {tot_len} bytes but {len(data)} were given")
         if rec_lsn < previous:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import struct
 
-import crc32c
 from collections.abc import Sequence
 
-from walredod.types import BLCKSZ, BufferTag, WalRecord
+from walredod.pg15 import BLCKSZ, RM_XLOG_ID, XLOG_FPI, init_page
+from walredod.types import BufferTag, WalRecord
+from walredod.wal import seal_record
 
 _TAG = struct.Struct(">BIIII")
 TAG_LEN = _TAG.size  # 17
@@ -27,14 +28,11 @@ _WARMUP_END_LSN = 0x100_0000
 
 
 def _warmup_request() -> bytes:
-    page = bytearray(BLCKSZ)
-    struct.pack_into("<IIHHHHHH", page, 0, 0, 1, 0, 0, 24, BLCKSZ, BLCKSZ, BLCKSZ | 4)
+    page = init_page(lsn=1)
     body = (struct.pack("<BBH", 0, 0x10, 0)  # block 0: main fork, has image, no data
             + struct.pack("<HHB", BLCKSZ, 0, 0x02)  # image: whole page, no hole, apply
             + struct.pack("<IIII", *_WARMUP_TAG[:3], _WARMUP_TAG.blkno) + bytes(page))
-    header = struct.pack("<IIQBB2x", 24 + len(body), 0, 0, 0xB0, 0)  # rmgr XLOG, XLOG_FPI
-    crc = crc32c.crc32c(header, crc32c.crc32c(body))
-    record = header + struct.pack("<I", crc) + body
+    record = seal_record(0, 0, XLOG_FPI, RM_XLOG_ID, body)
     return encode_request(_WARMUP_TAG, None, [WalRecord(_WARMUP_END_LSN, record)])
 
 

@@ -8,10 +8,10 @@ import crc32c
 
 from walredod.errors import InvalidRequest
 from walredod.native.xact import parse_transaction_end, prepared_state
+from walredod.pg15 import RM_RELMAP_ID
 from walredod.objects import RELMAP_FILE_SIZE, RelMapTag, TwoPhaseTag
 from walredod.wal import DecodedRecord
 
-RM_RELMAP_ID = 7
 XLOG_RELMAP_UPDATE = 0x00
 RELMAP_MAGIC = 0x592717
 RELMAP_CRC_OFFSET = RELMAP_FILE_SIZE - 8  # the CRC covers everything before it; 4 bytes of padding follow it

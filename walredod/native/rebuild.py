@@ -8,11 +8,12 @@ the synthesized ones.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-from walredod.errors import InvalidRequest
+from walredod.errors import InvalidRequest, RedoTimeout
 from walredod.native import files, slru, synthesized, visibilitymap
-from walredod.objects import RELMAP_FILE_SIZE, RelMapTag, SlruPageTag, TwoPhaseTag
+from walredod.objects import RelMapTag, SlruPageTag, TwoPhaseTag, check_base_image
 from walredod.types import BLCKSZ, BufferTag, ForkNumber, WalRecord
 from walredod.wal import WalDecodeError, decode_record, verify_crc
 
@@ -33,14 +34,23 @@ def decode_history_record(record: WalRecord):
     return decoded
 
 
-def rebuild_object(tag: ObjectTag, base: bytes | None, records: Sequence[WalRecord]) -> bytes | None:
-    """The object's contents after ``records``; None when it does not exist (a finished prepared transaction)."""
+def _within(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RedoTimeout("the request's deadline passed while its records were applied")
+
+
+def rebuild_object(tag: ObjectTag, base: bytes | None, records: Sequence[WalRecord],
+                   deadline: float | None = None) -> bytes | None:
+    """The object's contents after ``records``; None when it does not exist (a finished prepared transaction).
+    Past ``deadline`` (time.monotonic()) it stops with RedoTimeout."""
+    if not isinstance(tag, (SlruPageTag, RelMapTag, TwoPhaseTag)):
+        raise InvalidRequest(f"{tag!r} is not an object rebuilt in Python")
+    check_base_image(tag, base)
     if isinstance(tag, SlruPageTag):
-        if base is not None and len(base) != BLCKSZ:
-            raise InvalidRequest(f"base image of {tag} is {len(base)} bytes, a page is {BLCKSZ}")
         page = bytearray(base) if base is not None else bytearray(BLCKSZ)
         removed = False
         for record in records:
+            _within(deadline)
             try:
                 if not slru.apply(tag, page, decode_history_record(record)):
                     raise InvalidRequest(f"a record ending at {record.lsn:X} does not change {tag}")
@@ -48,36 +58,31 @@ def rebuild_object(tag: ObjectTag, base: bytes | None, records: Sequence[WalReco
             except slru.PageRemoved:
                 removed = True  # a later zero-page record may bring it back
         return None if removed else bytes(page)
-    if isinstance(tag, RelMapTag):
-        if base is not None and len(base) != RELMAP_FILE_SIZE:
-            raise InvalidRequest(f"base image of {tag} is {len(base)} bytes, a map file is {RELMAP_FILE_SIZE}")
-        content = base
-        for record in records:
-            content = files.apply_relmap(tag, content, decode_history_record(record))
-        return content
-    if isinstance(tag, TwoPhaseTag):
-        content = base
-        for record in records:
-            content = files.apply_twophase(tag, content, decode_history_record(record))
-        return content
-    raise InvalidRequest(f"{tag!r} is not an object rebuilt in Python")
+    content = base
+    apply = files.apply_relmap if isinstance(tag, RelMapTag) else files.apply_twophase
+    for record in records:
+        _within(deadline)
+        content = apply(tag, content, decode_history_record(record))
+    return content
 
 
 def rebuild_visibility_map_page(engine, tag: BufferTag, lsn: int, base: bytes | None,
-                                records: Sequence[WalRecord], timeout: float | None = None) -> bytes | None:
-    """A visibility-map page: runs of raw records go to the redo child, synthesized ones are applied here.
+                                records: Sequence[WalRecord], deadline: float | None = None) -> bytes | None:
+    """A visibility-map page: runs of raw records go to the redo child, synthesized ones are applied here, all by
+    ``deadline`` (time.monotonic(); None: each run of raw records gets the engine's request_timeout).
 
     None when a truncation cut the page off (and nothing touched it since).
     """
     if tag.forknum != ForkNumber.VISIBILITYMAP:
         raise InvalidRequest(f"{tag} is not a visibility-map page")
+    check_base_image(tag, base)
     page: bytes | None = base
     raw: list[WalRecord] = []
 
     def flush() -> None:
         nonlocal page
         if raw:
-            page = engine.redo(tag, raw[-1].lsn, page, raw, timeout=timeout)
+            page = engine.redo(tag, raw[-1].lsn, page, raw, deadline=deadline)
             raw.clear()
 
     for record in records:
@@ -85,6 +90,7 @@ def rebuild_visibility_map_page(engine, tag: BufferTag, lsn: int, base: bytes | 
             raw.append(record)
             continue
         flush()
+        _within(deadline)
         change = synthesized.decode(record.data)
         if isinstance(change, synthesized.ClearVisibilityMapFlags):
             if not any(visibilitymap.map_block_of(b) == tag.blkno for b in change.heap_blocks):
@@ -99,6 +105,4 @@ def rebuild_visibility_map_page(engine, tag: BufferTag, lsn: int, base: bytes | 
         else:
             raise InvalidRequest(f"{type(change).__name__} records do not change {tag}")
     flush()
-    if page is not None and len(page) != BLCKSZ:
-        raise InvalidRequest(f"base image of {tag} is {len(page)} bytes, a page is {BLCKSZ}")
     return page

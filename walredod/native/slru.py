@@ -8,15 +8,13 @@ from walredod.errors import InvalidRequest
 from walredod.native import synthesized
 from walredod.native.xact import parse_transaction_end
 from walredod.objects import SLRU_PAGES_PER_SEGMENT, SlruKind, SlruPageTag
-from walredod.types import BLCKSZ
+from walredod.pg15 import BLCKSZ, RM_CLOG_ID, RM_MULTIXACT_ID
 from walredod.wal import DecodedRecord
 
-RM_CLOG_ID = 3
 CLOG_ZEROPAGE = 0x00
 CLOG_TRUNCATE = 0x10
 CLOG_PAGES = 2**32 // (BLCKSZ * 4)
 FIRST_NORMAL_XID = 3
-RM_MULTIXACT_ID = 6
 XLOG_MULTIXACT_ZERO_OFF_PAGE = 0x00
 XLOG_MULTIXACT_ZERO_MEM_PAGE = 0x10
 XLOG_MULTIXACT_CREATE_ID = 0x20

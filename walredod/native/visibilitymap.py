@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import struct
-
 from walredod.native.synthesized import ClearVisibilityMapFlags, TruncateVisibilityMap
-from walredod.types import BLCKSZ
+from walredod.pg15 import BLCKSZ, SIZE_OF_PAGE_HEADER, init_page
 
-PAGE_HEADER = 24  # MAXALIGN(SizeOfPageHeaderData): the map starts here
+PAGE_HEADER = SIZE_OF_PAGE_HEADER  # MAXALIGN(SizeOfPageHeaderData): the map starts here
 HEAPBLOCKS_PER_BYTE = 4
 HEAPBLOCKS_PER_PAGE = (BLCKSZ - PAGE_HEADER) * HEAPBLOCKS_PER_BYTE
 VALID_BITS = 0x03
@@ -15,9 +13,7 @@ VALID_BITS = 0x03
 
 def new_page() -> bytearray:
     """What PostgreSQL makes of a missing map page it has to touch: PageInit, LSN 0."""
-    page = bytearray(BLCKSZ)
-    struct.pack_into("<HHHH", page, 12, PAGE_HEADER, BLCKSZ, BLCKSZ, BLCKSZ | 4)
-    return page
+    return init_page()
 
 
 def map_block_of(heap_block: int) -> int:

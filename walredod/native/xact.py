@@ -6,9 +6,9 @@ import struct
 from dataclasses import dataclass
 
 from walredod.errors import InvalidRequest
+from walredod.pg15 import RM_XACT_ID
 from walredod.wal import DecodedRecord
 
-RM_XACT_ID = 1
 XLOG_XACT_COMMIT = 0x00
 XLOG_XACT_PREPARE = 0x10
 XLOG_XACT_ABORT = 0x20

@@ -11,9 +11,15 @@ from pathlib import Path
 from walredod.config import ConfigError, EngineSettings
 from walredod.errors import WalredodError
 
+DATA_DIR_HELP = ("the engine's data directory: template cluster and redo children's datadirs (engine.data_dir; "
+                 "default: /var/lib/walredod as root, else ~/.local/state/walredod)")
+
 
 def doctor(args: argparse.Namespace) -> int:
-    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers."""
+    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers.
+    With --wal: say which heap record format a WAL directory holds instead."""
+    if args.wal:
+        return doctor_wal(args.wal)
     from walredod.engine import RedoEngine
     from walredod.engine.datadir import find_extension, find_postgres_bin
 
@@ -36,14 +42,51 @@ def doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+_FORMAT_ADVICE = {
+    "vanilla": 'vanilla PostgreSQL 15: engine.kind = "vanilla", engine.wal_format = "vanilla" (the defaults)',
+    "neon": 'a Neon compute (PostgreSQL 15): engine.wal_format = "neon" (or engine.kind = "neon", Neon\'s binary)',
+}
+
+
+def doctor_wal(wal_dir: Path) -> int:
+    """Scan a WAL directory's heap records and say which format they are in (exit 1 when they do not agree)."""
+    from walredod.types import format_lsn
+    from walredod.wal import WalReader
+    from walredod.walformat import classify
+
+    reader = WalReader(wal_dir)
+    report = classify(reader.records())
+    start = format_lsn(reader.start_lsn) if reader.start_lsn is not None else "-"
+    print(f"WAL             : {wal_dir}, {report.records} records from {start} "
+          f"to {format_lsn(reader.end_lsn)} ({reader.end_reason})")
+    print(f"heap records    : {report.heap_records}, {report.telling} of them with a format-dependent layout")
+    print(f"layout fits     : vanilla only {report.fits['vanilla']}, neon only {report.fits['neon']}, "
+          f"both {report.fits['both']}, neither {report.fits['neither']}")
+    for fmt, record in report.first_misfit.items():
+        label = f"first not {fmt}"
+        print(f"{label:<16}: {record}")
+    verdict = report.verdict
+    if verdict in _FORMAT_ADVICE:
+        print(f"format          : {verdict}: WAL from {_FORMAT_ADVICE[verdict]}")
+        if report.fits["neither"]:
+            print(f"warning         : {report.fits['neither']} heap records fit neither format (damaged WAL?)")
+        return 0
+    if verdict == "undecided":
+        print("format          : undecided: no heap record here depends on the format")
+        return 0
+    print("format          : mixed: some heap records fit only the vanilla layout and others only Neon's; "
+          "one WAL comes from one server, so this WAL is damaged or assembled from two sources")
+    return 1
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     overrides = {}
     if getattr(args, "endpoint", None):
         overrides["daemon.endpoints"] = args.endpoint
     if getattr(args, "workers", None) is not None:
         overrides["daemon.workers"] = args.workers
-    if getattr(args, "datadir", None):
-        overrides["engine.data_dir"] = args.datadir
+    if getattr(args, "data_dir", None):
+        overrides["engine.data_dir"] = args.data_dir
     return overrides
 
 
@@ -114,7 +157,7 @@ def bench(args: argparse.Namespace) -> int:
         path = " via supervisor" if args.target == "daemon" and args.via_supervisor else ""
         label = f"{args.target}{path} {args.mix} {args.mode} x{clients}"
         results.append(benchmark.run(label, args.target, requests, endpoint=args.endpoint and args.endpoint[0],
-                                     engine_options={"data_dir": args.datadir} if args.datadir else {},
+                                     engine_options={"data_dir": args.data_dir} if args.data_dir else {},
                                      client_options={"direct": not args.via_supervisor}, mode=args.mode,
                                      clients=clients, duration=args.seconds))
     benchmark.print_table(results)
@@ -128,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it")
-    p.add_argument("--data-dir", help="data directory (default: /var/lib/walredod as root, else ~/.local/state)")
+    p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it; or, with --wal, "
+                            "say which format a WAL directory holds")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--pings", type=int, default=1000)
+    p.add_argument("--wal", type=Path, metavar="DIR",
+                   help="scan this WAL directory (or segment file) instead: vanilla PostgreSQL 15 or Neon compute "
+                   "heap records, and the engine settings to use")
     p.set_defaults(func=doctor)
 
     def daemon_options(p: argparse.ArgumentParser) -> None:
@@ -141,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("serve", help="run the daemon: a supervisor and N workers")
     daemon_options(p)
     p.add_argument("--workers", type=int, help="worker processes (0: one per CPU)")
-    p.add_argument("--datadir", type=Path, help="data directory for the workers' scratch clusters")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.set_defaults(func=serve)
 
     p = commands.add_parser("check-config", help="validate the configuration without starting")
     daemon_options(p)
     p.add_argument("--workers", type=int)
-    p.add_argument("--datadir", type=Path)
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.set_defaults(func=check_config)
 
     p = commands.add_parser("status", help="print each worker's state, pid, child pid, requests served, restarts")
@@ -173,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1], help="concurrent client processes (one run each)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sample", type=Path, help="request sample (default: walredod/tools/data/requests.bin.gz)")
-    p.add_argument("--datadir", type=Path, help="data directory for engines (with --target engine)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP + " (with --target engine)")
     p.add_argument("--json", type=Path, default=Path("bench/results/walredod_bench.json"))
     p.add_argument("--plot", type=Path, default=Path("bench/results/walredod_bench.png"))
     p.set_defaults(func=bench)

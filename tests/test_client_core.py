@@ -80,7 +80,12 @@ def test_worker_directory_routes_like_the_supervisor_and_notices_replaced_worker
     for worker in [first, *chosen]:
         directory.release(worker)
     assert first.listing["endpoint"] == first.endpoint  # the whole entry, for the worker's transport
-    # Same pid: the same worker. New pid (a restart) or not ready (retiring): requests to it are to be re-sent.
+    # Same pid: the same worker, whatever else its entry says. New pid (a restart) or not ready (retiring):
+    # requests to it are to be re-sent.
+    moving = json.loads(directory_body([(0, 100, True), (1, 101, True)]))
+    moving["workers"][first.slot]["served"] = 12345
+    directory.update(json.dumps(moving).encode(), T0)
+    assert directory.still_serving(first) and first.listing["served"] == 12345
     directory.update(directory_body([(0, 100, True), (1, 201, True)]), T0)
     assert directory.still_serving(first) == (first.slot == 0)
     directory.update(directory_body([(0, 100, False), (1, 201, True)]), T0)
@@ -270,7 +275,7 @@ def test_a_departed_workers_requests_are_re_sent_through_the_supervisor(change):
 
 def test_a_worker_still_listed_keeps_its_requests_and_checks_are_spaced():
     core, workers, _ = direct_core(workers=((0, 100, True), (1, 101, True)))
-    call, sends = spread(core, workers)
+    spread(core, workers)
     now = T0 + DIRECT_CHECK_INTERVAL
     assert core.directory_due(now)
     core.directory_arrived(directory_body(workers), now)
@@ -316,7 +321,7 @@ def test_supervisor_fallback_when_the_directory_does_not_answer():
 
 def test_a_check_the_supervisor_does_not_answer_sends_direct_requests_its_way():
     core, workers, _ = direct_core(workers=((0, 100, True), (1, 101, True)))
-    call, sends = spread(core, workers)
+    _call, sends = spread(core, workers)
     now = T0 + DIRECT_CHECK_INTERVAL
     assert core.directory_due(now)
     core.directory_failed(now)
@@ -336,7 +341,7 @@ def test_a_daemon_without_a_directory_is_never_asked_again():
 
 def test_a_stale_directory_serves_while_a_new_one_is_asked_for():
     core, workers, _ = direct_core(workers=((0, 100, True),))
-    call, sends = spread(core, workers, count=1)
+    _call, sends = spread(core, workers, count=1)
     core.on_reply(reply_to(sends[0]))
     later = T0 + DIRECTORY_MAX_AGE + 1
     core.submit(Call([request(20000)], timeout=5.0))
@@ -382,7 +387,7 @@ def test_a_re_sent_flight_gets_the_supervisors_time_and_a_direct_one_its_workers
 
 def test_abandon_forgets_everything():
     core, workers, _ = direct_core()
-    call, sends = spread(core, workers)
+    _call, sends = spread(core, workers)
     core.abandon()
     assert not core.busy and core.in_flight == 0 and all(w.load == 0 for w in core.directory.workers())
     assert core.on_reply(reply_to(sends[0])) == ()
@@ -402,3 +407,14 @@ def test_waiting_calls_are_those_with_requests_unanswered():
     first, _second = core.take_sends(T0)
     core.on_reply(reply_to(first))
     assert core.waiting_calls() == {sent, queued}
+
+
+def test_a_transport_hands_back_a_message_it_cannot_carry():
+    core, workers, _ = direct_core(workers=((0, 100, True),))
+    [flight] = start(core, [Call([request(1)], timeout=5.0)], workers)
+    core.resend_through_supervisor(flight, T0 + 0.1)
+    assert core.take_sends(T0 + 0.1) == [flight] and flight.worker is None
+    assert core.directory.workers()[0].load == 0
+    core.on_reply(reply_to(flight))
+    core.resend_through_supervisor(flight, T0 + 0.2)  # answered meanwhile: nothing to send
+    assert core.take_sends(T0 + 0.2) == []

@@ -218,7 +218,7 @@ def test_synthesized_records_refuse_what_they_do_not_define(record, message):
 ])
 def test_one_check_of_tags_and_base_images(tag, image, message):
     """The client, the protocol decoder, the engine and the Python redo all refuse with the same check."""
-    from walredod.client.client import _check_args
+    from walredod.client.core import check_request
     from walredod.native.rebuild import rebuild_object
     from walredod.objects import TwoPhaseTag, check_base_image, check_tag
 
@@ -226,7 +226,7 @@ def test_one_check_of_tags_and_base_images(tag, image, message):
         check_tag(tag)
         check_base_image(tag, image)
     with pytest.raises(InvalidRequest, match=message):
-        _check_args(tag, image)
+        check_request(tag, image)
     if isinstance(tag, (SlruPageTag, RelMapTag, TwoPhaseTag)) and image is not None:
         with pytest.raises(InvalidRequest, match=message):
             rebuild_object(tag, image, [])

@@ -147,7 +147,7 @@ class RedoClient:
         request_id = self._core.next_id()
         started = time.monotonic()
         sock = self._control_socket
-        sock.send_multipart(protocol.encode_ping(request_id, kind))
+        sock.send_multipart(protocol.encode_control(request_id, kind))
         deadline = started + timeout
         while (remaining := deadline - time.monotonic()) > 0 and sock.poll(remaining * 1000):
             got_id, result = decode_result(sock.recv_multipart())
@@ -273,7 +273,7 @@ class AsyncRedoClient:
         async with self._control_lock:  # one control request at a time on the control socket
             request_id = self._core.next_id()
             sock = self._control_socket
-            await sock.send_multipart(protocol.encode_ping(request_id, kind))
+            await sock.send_multipart(protocol.encode_control(request_id, kind))
             deadline = time.monotonic() + timeout
             while (remaining := deadline - time.monotonic()) > 0 and await sock.poll(remaining * 1000):
                 got_id, result = decode_result(await sock.recv_multipart())

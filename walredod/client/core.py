@@ -46,12 +46,13 @@ from collections.abc import Sequence
 
 from walredod import protocol
 from walredod.client.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
-from walredod.errors import InvalidRequest, RedoTimeout, WalredodError
+from walredod.errors import RedoTimeout, WalredodError
+from walredod.objects import check_base_image, check_tag
 from walredod.types import BufferTag, WalRecord
 
 PIPELINE_WINDOW = 64  # requests of one client in flight at most
 BATCH_SIZE = 16  # requests for one worker in one message, on the direct data path
-TRANSPORT_MARGIN = 1.0  # seconds: the daemon answers a timeout itself; wait a little longer for that answer
+TRANSPORT_MARGIN = 2.5  # seconds past a timeout: the supervisor answers `timeout` for a silent worker 2 s late
 
 RedoArgs = tuple[BufferTag, int, bytes | None, Sequence[WalRecord]]
 
@@ -97,10 +98,9 @@ class Flight:
 
 
 def check_request(tag, base_image: bytes | None) -> None:
-    object_kind = protocol.tag_fields(tag)[0]  # raises InvalidRequest for what is not a tag
-    size = protocol.BASE_IMAGE_SIZES[object_kind]
-    if base_image is not None and size is not None and len(base_image) != size:
-        raise InvalidRequest(f"base image is {len(base_image)} bytes, {tag} has {size}")
+    """Raise InvalidRequest for a request the daemon would refuse for its tag or base image."""
+    check_tag(tag)
+    check_base_image(tag, base_image)
 
 
 def decode_answers(frames: list) -> tuple[int, list[tuple[int, bytes | WalredodError]]]:

@@ -76,8 +76,9 @@ class WorkerDirectory:
             if not (entry.get("ready") and isinstance(slot, int) and pid and isinstance(endpoint, str)):
                 continue
             known = self._workers.get(slot)
-            if known is not None and known.pid == pid and known.listing == entry:
-                workers[slot] = known  # the same worker: it keeps this client's load on it
+            if known is not None and known.pid == pid and known.endpoint == endpoint:
+                known.listing = entry  # the same worker (other fields may change): it keeps this client's load
+                workers[slot] = known
             else:
                 workers[slot] = DirectWorker(slot, pid, endpoint, entry)
         self._workers = workers

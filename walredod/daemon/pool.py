@@ -353,7 +353,7 @@ class Pool:
 
     # --- admission ------------------------------------------------------------------------------------------------
     # Whether a redo request is taken, and what is given back when it is answered: the one place for limits on what
-    # the daemon holds (a byte budget, fairness between clients would go here, with ``released`` undoing them).
+    # the daemon holds (walredod.daemon.admission: requests and bytes in all and per client; ``released`` gives back).
 
     def admit(self, frontend: Frontend, client: bytes, size: int) -> None:
         """Raises the error to answer instead of taking a well-formed redo request or batch of ``size`` bytes from

@@ -224,12 +224,12 @@ def test_stale_socket_files_are_removed_at_start_and_stop(real_requests):
     root = world_traversable_tmpdir("walredod-hardening-stale-")
     (root / "data" / "run").mkdir(parents=True)
     stale = [root / "walredod.sock", root / "walredod-worker-0.sock", root / "walredod-worker-7.sock",
-             root / "data" / "run" / "backend-999999999.sock"]
+             root / "walredod-worker-7.local", root / "data" / "run" / "backend-999999999.sock"]
     for path in stale:
         stale_socket(path)
     daemon = Daemon(root, workers=1)
     try:
-        assert not (root / "walredod-worker-7.sock").exists()
+        assert not (root / "walredod-worker-7.sock").exists() and not (root / "walredod-worker-7.local").exists()
         assert not (root / "data" / "run" / "backend-999999999.sock").exists()
         tag, lsn, base, records, expected = real_requests[1]
         assert daemon.client.redo(tag, lsn, base, records) == expected

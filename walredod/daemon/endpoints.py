@@ -287,7 +287,7 @@ class SupervisorEndpoints:
         self.access = SocketAccess.from_settings(daemon_settings)
         self._locks: list[EndpointLock] = []
         self._bound: list[str] = []
-        self._worker_pattern = None
+        self._worker_patterns: list[str] = []
         try:
             for endpoint in daemon_settings.endpoints:
                 if path := ipc_path(endpoint):
@@ -296,9 +296,11 @@ class SupervisorEndpoints:
                     claim_ipc_path(path, "endpoint")
             if base := direct_endpoint_base(daemon_settings):
                 # Ours alone now that we hold the frontend's lock; a live one is a worker of a daemon still running.
-                self._worker_pattern = f"{ipc_path(base)}-[0-9]*.sock"
-                for path in glob.glob(self._worker_pattern):
-                    claim_ipc_path(path, "worker endpoint")
+                # (.sock: the workers' direct endpoints; .local: their sockets of the local data path.)
+                self._worker_patterns = [f"{ipc_path(base)}-[0-9]*.sock", f"{ipc_path(base)}-[0-9]*.local"]
+                for pattern in self._worker_patterns:
+                    for path in glob.glob(pattern):
+                        claim_ipc_path(path, "worker endpoint")
             backend_dir = Path(ipc_path(backend_endpoint)).parent
             prepare_private_dir(backend_dir)
             remove_stale_sockets(str(backend_dir / "backend-*.sock"))  # other daemons may share the data directory
@@ -324,8 +326,8 @@ class SupervisorEndpoints:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._bound.clear()
-        if self._worker_pattern:
-            remove_stale_sockets(self._worker_pattern)  # a worker killed before it could remove its own
+        for pattern in self._worker_patterns:
+            remove_stale_sockets(pattern)  # a worker killed before it could remove its own
         for lock in self._locks:
             lock.release()
         self._locks.clear()

@@ -2,6 +2,7 @@
 """Redo engine benchmark on real PostgreSQL 15 WAL: round trips, time inside the child, start-up, memory.
 
     python3 bench/engine_latency.py [--iterations 3000] [--json bench/results/engine_latency.json]
+    python3 bench/engine_latency.py --sandbox-compare [--rounds 3]   # the redo child's sandbox on against off
 
 Requests are real page histories from the ground-truth scenario (tests/groundtruth): a page image at the first
 cut, then the first N records of that page's history after the cut, for N in 1, 2, 10, 100 and 227; "ping" is the
@@ -14,6 +15,10 @@ side by side:
 
 Time inside the child comes from the child's own clock: at exit it prints how many requests it served and how many
 nanoseconds it spent between their first byte and their reply.
+
+--sandbox-compare measures the cost of the redo child's sandbox (engine.sandbox = "required" against "off"): the
+"one CPU" placement, alternating the two settings for --rounds rounds (so drift on a shared machine hits both), and
+start-up to first page; it reports the median of each row over the rounds and the ratio on/off.
 """
 
 from __future__ import annotations
@@ -135,10 +140,10 @@ def memory_of(pid: int) -> dict[str, float]:
 
 
 def run_placement(name: str, caller_cpus: set[int], child_cpus: set[int] | None, by_count: dict, data_dir: Path,
-                  iterations: int, catcher: ChildStatsCatcher) -> dict:
+                  iterations: int, catcher: ChildStatsCatcher, sandbox: str = "required") -> dict:
     os.sched_setaffinity(0, caller_cpus)
     rows = {}
-    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False) as engine:
+    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False, sandbox=sandbox) as engine:
         if child_cpus is not None:
             os.sched_setaffinity(engine.child_pid, child_cpus)
         time_pings(engine, 500)
@@ -150,7 +155,7 @@ def run_placement(name: str, caller_cpus: set[int], child_cpus: set[int] | None,
         if not requests:
             continue
         # A child per row, so its exit line gives this row's time inside the child.
-        with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False) as engine:
+        with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False, sandbox=sandbox) as engine:
             pid = engine.child_pid
             if child_cpus is not None:
                 os.sched_setaffinity(pid, child_cpus)
@@ -164,26 +169,42 @@ def run_placement(name: str, caller_cpus: set[int], child_cpus: set[int] | None,
             "in_child_us": round(busy_ns / served / 1000, 2) if served else None,
         }
     os.sched_setaffinity(0, set(range(os.cpu_count())))
-    return {"placement": name, "caller_cpus": sorted(caller_cpus),
+    return {"placement": name, "sandbox": sandbox, "caller_cpus": sorted(caller_cpus),
             "child_cpus": sorted(child_cpus) if child_cpus is not None else "inherited",
             "rows": rows, "child_memory": memory}
 
 
-def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int) -> dict:
+def wait_dead(pid: int) -> None:
+    """Until a killed child is a zombie (a fixed sleep is not enough on a busy machine)."""
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.005)
+
+
+def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int, sandbox: str = "required",
+                               takeover: bool = True) -> dict:
     """Start-up to first page (no spare) and the first request after a child's death (with a warm spare)."""
     os.sched_setaffinity(0, {cpu})
     tag, lsn, base, records = by_count[2][0]
     result = {}
-    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False) as engine:
+    with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=False, sandbox=sandbox) as engine:
         starts = []
         for _ in range(20):
             victim = engine.child_pid
             os.kill(victim, signal.SIGKILL)
-            time.sleep(0.05)  # dead before the request: the engine restarts it on the write
+            wait_dead(victim)  # dead before the request: the engine restarts it on the write
             t0 = time.perf_counter_ns()
             engine.redo(tag, lsn, base, records)
             starts.append((time.perf_counter_ns() - t0) / 1e6)
         result["start_to_first_page_ms"] = {"p50": statistics.median(starts), "max": max(starts)}
+    if not takeover:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+        return result
     with RedoEngine(data_dir=data_dir, source_logs_hint_bits=True, keep_spare=True) as engine:
         steady = time_requests(engine, [by_count[2][0]], 2000)
         firsts = []
@@ -191,8 +212,9 @@ def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int) -> dict
             engine.start_spare()  # the idle-time step the daemon's worker takes
             time.sleep(0.3)  # let the new spare finish starting
             engine.ping()
-            os.kill(engine.child_pid, signal.SIGKILL)
-            time.sleep(0.05)
+            victim = engine.child_pid
+            os.kill(victim, signal.SIGKILL)
+            wait_dead(victim)
             t0 = time.perf_counter_ns()
             engine.redo(tag, lsn, base, records)
             firsts.append((time.perf_counter_ns() - t0) / 1000)
@@ -202,6 +224,48 @@ def measure_start_and_takeover(by_count: dict, data_dir: Path, cpu: int) -> dict
             result["after_takeover_us"]["first_request_p50"] / result["after_takeover_us"]["steady_p50"], 2)
     os.sched_setaffinity(0, set(range(os.cpu_count())))
     return result
+
+
+def compare_sandbox(by_count: dict, data_dir: Path, iterations: int, catcher: ChildStatsCatcher, cpu: int,
+                    rounds: int) -> dict:
+    """The "one CPU" rows and start-up with the sandbox on and off, alternating, medians over the rounds."""
+    runs: dict[str, list[dict]] = {"off": [], "required": []}
+    starts: dict[str, list[float]] = {"off": [], "required": []}
+    for _ in range(rounds):
+        for sandbox in ("off", "required"):
+            runs[sandbox].append(run_placement(f"one CPU, sandbox {sandbox}", {cpu}, None, by_count, data_dir,
+                                               iterations, catcher, sandbox))
+            started = measure_start_and_takeover(by_count, data_dir, cpu, sandbox, takeover=False)
+            starts[sandbox].append(started["start_to_first_page_ms"]["p50"])
+    rows = {}
+    for name in runs["off"][0]["rows"]:
+        off = statistics.median(r["rows"][name]["p50_us"] for r in runs["off"])
+        on = statistics.median(r["rows"][name]["p50_us"] for r in runs["required"])
+        in_off = [r["rows"][name].get("in_child_us") for r in runs["off"]]
+        in_on = [r["rows"][name].get("in_child_us") for r in runs["required"]]
+        rows[name] = {"off_p50_us": off, "on_p50_us": on, "ratio": round(on / off, 3),
+                      "off_in_child_us": statistics.median(in_off) if None not in in_off else None,
+                      "on_in_child_us": statistics.median(in_on) if None not in in_on else None}
+    start_off, start_on = statistics.median(starts["off"]), statistics.median(starts["required"])
+    return {"cpu": cpu, "rounds": rounds, "rows": rows,
+            "start_to_first_page_ms": {"off": start_off, "on": start_on, "ratio": round(start_on / start_off, 3)},
+            "runs": runs}
+
+
+def print_sandbox_report(report: dict) -> None:
+    comparison = report["sandbox_compare"]
+    print(f"\nmachine: {report['machine']}")
+    print(f"sandbox on (engine.sandbox = required) against off; caller and child on CPU {comparison['cpu']}; "
+          f"median of {comparison['rounds']} alternating rounds")
+    print(f"  {'request':<12} {'off p50 µs':>11} {'on p50 µs':>10} {'on/off':>7} {'off in child':>13} "
+          f"{'on in child':>12}")
+    for name, row in comparison["rows"].items():
+        in_off, in_on = row["off_in_child_us"], row["on_in_child_us"]
+        print(f"  {name:<12} {row['off_p50_us']:>11.1f} {row['on_p50_us']:>10.1f} {row['ratio']:>7.3f} "
+              f"{'' if in_off is None else f'{in_off:.2f}':>13} {'' if in_on is None else f'{in_on:.2f}':>12}")
+    start = comparison["start_to_first_page_ms"]
+    print(f"  start-up to first page (ms, p50): off {start['off']:.1f}, on {start['on']:.1f}, "
+          f"on/off {start['ratio']:.3f}")
 
 
 def print_report(report: dict) -> None:
@@ -221,8 +285,15 @@ def print_report(report: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--iterations", type=int, default=3000)
-    parser.add_argument("--json", type=Path, default=Path("bench/results/engine_latency.json"))
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: bench/results/engine_latency.json (engine_sandbox.json with --sandbox-compare)")
+    parser.add_argument("--sandbox-compare", action="store_true",
+                        help="only the cost of the redo child's sandbox: on against off, side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds with --sandbox-compare")
     args = parser.parse_args()
+    if args.json is None:
+        name = "engine_sandbox.json" if args.sandbox_compare else "engine_latency.json"
+        args.json = Path("bench/results") / name
     logging.basicConfig(level=logging.WARNING)
     catcher = ChildStatsCatcher()
     logging.getLogger("walredod.child").addHandler(catcher)
@@ -234,13 +305,23 @@ def main() -> int:
     data_dir = workdir / "engine"
     by_count, info = build_requests(workdir / "scenario")
     cpus = sorted(os.sched_getaffinity(0))
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.release()}"
+    if args.sandbox_compare:
+        report = {"machine": machine, "workload": info, "iterations": args.iterations,
+                  "sandbox_compare": compare_sandbox(by_count, data_dir, args.iterations, catcher, cpus[0],
+                                                     args.rounds)}
+        print_sandbox_report(report)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {args.json}")
+        return 0
     placements = [run_placement("one CPU", {cpus[0]}, None, by_count, data_dir, args.iterations, catcher)]
     if len(cpus) > 1:
         placements.append(run_placement("two CPUs", {cpus[0]}, {cpus[1]}, by_count, data_dir, args.iterations,
                                         catcher))
     placements.append(run_placement("unpinned", set(cpus), None, by_count, data_dir, args.iterations, catcher))
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.release()}",
+        "machine": machine,
         "workload": info, "iterations": args.iterations, "placements": placements,
         "startup": measure_start_and_takeover(by_count, data_dir, cpus[0]),
     }

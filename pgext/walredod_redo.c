@@ -68,6 +68,7 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "sandbox.h"
 #include "wal_format.h"
 
 PG_MODULE_MAGIC;
@@ -406,6 +407,7 @@ begin_redo(const char *body, uint32 len)
 		finish_request();
 
 	parse_tag(body, &target.client_rnode, &target.client_fork, &target.blkno);
+	walredod_sandbox_probe(target.client_rnode.relNode);
 	/* Init forks would be flushed at once by redo; keep them in main. */
 	target.fork = target.client_fork == INIT_FORKNUM ?
 		MAIN_FORKNUM : target.client_fork;
@@ -1127,6 +1129,9 @@ take_over(void)
 	allocate_serving_state();
 	enter_recovery();
 
+	/* Hostile input may follow: nothing outside the datadir from here on. */
+	walredod_sandbox_enter(-1);
+
 	PG_TRY();
 	{
 		prepare_scratch_relations();
@@ -1175,6 +1180,7 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	walredod_sandbox_define_gucs();
 	MarkGUCPrefixReserved("walredod");
 
 	if (!walredod_serve)

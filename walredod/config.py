@@ -46,8 +46,19 @@ class EngineSettings(Strict):
     neon_ld_library_path: str = Field("", description="LD_LIBRARY_PATH for Neon's binary (its only environment).")
     run_as: str | None = Field(
         None,
-        description="Unprivileged user the children run as when we are root (PostgreSQL refuses root); "
-        "default 'walredod'. Ignored when not root.",
+        description="User of their own the children run as when we are root (PostgreSQL refuses root, and a "
+        "child must not reach the daemon's sockets or processes); default 'walredod-redo'. Ignored when not root.",
+    )
+    sandbox: Literal["required", "best_effort", "off"] = Field(
+        "required",
+        description="The redo child's sandbox (seccomp allow-list, Landlock, rlimits, not dumpable), entered before "
+        "it reads a request. 'required': a child whose kernel lacks seccomp or Landlock refuses to start, with an "
+        "error; 'best_effort': it starts with a warning and whatever the kernel has; 'off': none. Vanilla only: "
+        "Neon's binary has its own.",
+    )
+    child_address_space_mb: int = Field(
+        1024, ge=256, le=1024 * 1024,
+        description="Address space limit of a sandboxed child (MB); a request needing more fails with redo_failed.",
     )
     source_logs_hint_bits: bool = Field(
         False,

@@ -20,6 +20,10 @@ from walredod.types import BLCKSZ
 log = logging.getLogger("walredod.child")
 
 _SQLSTATE_LINE = re.compile(r"\b(ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):\s+(.*)")
+# The line a child writes once its sandbox is in force (pgext/sandbox.c), and the probes' outcomes.
+_SANDBOX_LINE = re.compile(r"walredod: sandbox in force: (.*)")
+_PROBE_LINE = re.compile(r"walredod: sandbox probe (\S+): (allowed|denied.*|trying|unknown probe)$")
+_PROBES_DONE_LINE = "walredod: sandbox probes done"
 
 
 class ChildDied(Exception):
@@ -46,6 +50,10 @@ class RedoChild:
         self.started_at = time.monotonic()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
         self._stderr_done = threading.Event()
+        self._sandbox_said = threading.Event()
+        self._sandbox: str | None = None
+        self.probes: dict[str, str] = {}  # sandbox probe -> its last outcome
+        self._probes_done = threading.Event()
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -69,10 +77,28 @@ class RedoChild:
             for raw in self.process.stderr:
                 line = raw.decode("utf-8", "replace").rstrip()
                 if line:
+                    if match := _SANDBOX_LINE.search(line):
+                        self._sandbox = match.group(1)
+                        self._sandbox_said.set()
+                    elif match := _PROBE_LINE.search(line):
+                        self.probes[match.group(1)] = match.group(2)
+                    elif _PROBES_DONE_LINE in line:
+                        self._probes_done.set()
                     self._stderr_tail.append(line)
                     log.log(_log_level(line), "%s[%d]: %s", self.name, self.pid, line)
         finally:
             self._stderr_done.set()
+            self._sandbox_said.set()
+            self._probes_done.set()
+
+    def wait_probes(self, timeout: float) -> None:
+        """Until the child has run its sandbox probes or ended."""
+        self._probes_done.wait(timeout)
+
+    def sandbox_report(self, timeout: float = 5.0) -> str | None:
+        """What the child said is in force ("seccomp=... landlock=abi7 ..."), None if it ended without saying."""
+        self._sandbox_said.wait(timeout)
+        return self._sandbox
 
     # --- requests -----------------------------------------------------------------------------------------------
 
@@ -164,6 +190,10 @@ class RedoChild:
             self.kill()
             status = self.process.wait()
         self._stderr_done.wait(2.0)
+        if status == -signal.SIGSYS:
+            # seccomp killed it: whatever it was doing, it was not redo (the allow-list covers redo).
+            return RedoFailed(f"redo child {self.pid} was killed by its sandbox: it made a forbidden system call "
+                              "(SIGSYS); the request's WAL is suspect")
         for line in reversed(self._stderr_tail):
             match = _SQLSTATE_LINE.search(line)
             if match:

@@ -1,9 +1,15 @@
 """The files a redo child needs: PostgreSQL binaries, our extension, and a scratch datadir.
 
 initdb takes about a second, so one template cluster is initdb'd once per data directory (under a lock, so parallel
-engines and workers share it) and each child gets a copy of its own (a child datadir, under ``children/``). An
-engine reuses a dead child's datadir for a later child: PostgreSQL itself cleans up after a killed predecessor (stale
-lock file, crash recovery of an idle cluster).
+engines and workers share it) and each child gets a fresh copy of its own (a child datadir, under ``children/``),
+removed when the child is gone. A child reads tenants' WAL and may be taken over, so nothing it can write outlives
+it: not its datadir (the next child would start, not yet sandboxed, from whatever it left there), not the template
+or the extension.
+
+Who owns what: when the daemon is root the children run as a user of their own (``walredod-redo``); the data
+directory, ``children/``, the template and the extension belong to the daemon, and a child owns only its datadir
+(0700). When the daemon is not root (the systemd unit runs everything as ``walredod``) ownership cannot separate
+them; the child's sandbox (Landlock) confines it to its datadir instead.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +33,7 @@ from walredod.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUN_AS = "walredod"
+DEFAULT_RUN_AS = "walredod-redo"
 EXTENSION_NAME = "walredod_redo.so"
 CHILD_DATADIRS = "children"  # under the data directory: one datadir per redo child
 # Databases the child never connects to; dropping their files makes each copy a third of the size.
@@ -36,7 +43,7 @@ _child_datadir_counter = itertools.count()
 
 @dataclass(frozen=True)
 class RunAs:
-    """Who the children run as: the caller, or (when the caller is root) an unprivileged user."""
+    """Who the children run as: the caller, or (when the caller is root) an unprivileged user of their own."""
 
     user: str | None
     uid: int
@@ -51,8 +58,8 @@ class RunAs:
             entry = pwd.getpwnam(name)
         except KeyError:
             raise Unavailable(
-                f"we are root and PostgreSQL refuses to run as root, but user {name!r} does not exist "
-                "(the README's set-up creates it; or set run_as)"
+                f"we are root and redo children run as a user of their own, but user {name!r} does not exist "
+                "(scripts/setup.sh creates it; or set engine.run_as)"
             ) from None
         return cls(name, entry.pw_uid, entry.pw_gid)
 
@@ -64,6 +71,10 @@ class RunAs:
     def chown(self, path: Path) -> None:
         if self.user is not None:
             os.chown(path, self.uid, self.gid)
+
+    def chown_tree(self, path: Path) -> None:
+        if self.user is not None:
+            _chown_tree(path, self.uid, self.gid)
 
 
 def find_postgres_bin(settings: EngineSettings) -> Path:
@@ -153,12 +164,22 @@ class DataDirectory:
         self.root = Path(settings.data_dir)
         self.run_as = run_as
         self.postgres_bin = find_postgres_bin(settings)
-        self._make_dir(self.root)
-        self._make_dir(self.root / CHILD_DATADIRS)
+        # With a child user, children traverse these two to reach their datadir; they may neither list nor change them.
+        self._dir_mode = 0o711 if run_as.user is not None else 0o700
+        self._make_dir(self.root, self._dir_mode)
+        self._make_dir(self.root / CHILD_DATADIRS, self._dir_mode)
 
-    def _make_dir(self, path: Path) -> None:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.run_as.chown(path)
+    def _make_dir(self, path: Path, mode: int) -> None:
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        self._own(path, mode)
+
+    def _own(self, path: Path, mode: int) -> None:
+        """Make ``path`` the daemon's with ``mode``: earlier versions gave the data directory to the child user."""
+        st = path.stat()
+        if self.run_as.user is not None and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            os.chown(path, os.geteuid(), os.getegid())
+        if stat.S_IMODE(st.st_mode) != mode:
+            path.chmod(mode)
 
     def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, **self.run_as.popen_kwargs(), **kwargs)
@@ -167,18 +188,21 @@ class DataDirectory:
         """Copy our extension into the data directory under a name from its content.
 
         The child must be able to read it (as root the source may sit in a directory the unprivileged user cannot
-        enter), and a rebuild while children run must not change the file under them.
+        enter), and a rebuild while children run must not change the file under them. It belongs to the daemon; a
+        copy that does not match its name (changed by someone) is replaced.
         """
         data = source.read_bytes()
         lib_dir = self.root / "lib"
-        self._make_dir(lib_dir)
-        target = lib_dir / f"walredod_redo-{hashlib.sha256(data).hexdigest()[:16]}.so"
-        if not target.exists():
-            tmp = lib_dir / f".{target.name}.{os.getpid()}"
-            tmp.write_bytes(data)
-            tmp.chmod(0o755)
-            self.run_as.chown(tmp)
-            os.replace(tmp, target)
+        self._make_dir(lib_dir, 0o755 if self.run_as.user is not None else 0o700)
+        digest = hashlib.sha256(data).hexdigest()
+        target = lib_dir / f"walredod_redo-{digest[:16]}.so"
+        if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == digest:
+            self._own(target, 0o644)
+            return target
+        tmp = lib_dir / f".{target.name}.{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.chmod(0o644)
+        os.replace(tmp, target)
         return target
 
     def template(self) -> Path:
@@ -187,6 +211,7 @@ class DataDirectory:
         version = re.search(r"\d+(\.\d+)+", version_text).group(0)
         template = self.root / f"template-{version}"
         if (template / "PG_VERSION").exists():
+            self._own_template(template)
             return template
         with open(self.root / "template.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -195,9 +220,18 @@ class DataDirectory:
             self._initdb(template)
         return template
 
+    def _own_template(self, template: Path) -> None:
+        """Children copy from the template: it must not be theirs (it was, before they had a user of their own)."""
+        if self.run_as.user is not None and template.stat().st_uid != os.geteuid():
+            log.info("taking the template cluster %s back from the child user", template)
+            _chown_tree(template, os.geteuid(), os.getegid())
+
     def _initdb(self, template: Path) -> None:
         building = self.root / f".{template.name}.building"
         shutil.rmtree(building, ignore_errors=True)
+        # initdb refuses root: it runs as the child user, in a directory made for it, then the result becomes ours.
+        building.mkdir(mode=0o700)
+        self.run_as.chown(building)
         initdb = self.postgres_bin.with_name("initdb")
         log.info("creating the template cluster %s with %s", template, initdb)
         # 1MB WAL segments, no checksums (the children never compute them), C locale.
@@ -210,19 +244,32 @@ class DataDirectory:
             raise Unavailable(f"initdb of the template cluster failed: {done.stderr.strip()[-2000:]}")
         for unused in _UNUSED_DATABASE_DIRS:
             shutil.rmtree(building / unused, ignore_errors=True)
+        if self.run_as.user is not None:
+            _chown_tree(building, os.geteuid(), os.getegid())
         os.rename(building, template)
 
     def new_child_datadir(self) -> Path:
-        """A fresh child datadir copied from the template; the engine removes it when it closes."""
+        """A fresh child datadir copied from the template, owned by the child user; ``remove_child_datadir`` ends
+        it."""
         template = self.template()
         self.remove_abandoned_child_datadirs()
         datadir = self.root / CHILD_DATADIRS / f"{os.getpid()}-{next(_child_datadir_counter)}"
         shutil.rmtree(datadir, ignore_errors=True)
-        # cp as the child's user: ownership comes out right, and it is faster than a Python tree copy.
-        done = self._run(["cp", "-a", str(template), str(datadir)])
+        # cp is faster than a Python tree copy; the copy is ours until it is handed over whole.
+        done = subprocess.run(["cp", "-a", str(template), str(datadir)], capture_output=True, text=True)
         if done.returncode != 0:
+            shutil.rmtree(datadir, ignore_errors=True)
             raise Unavailable(f"copying the template cluster failed: {done.stderr.strip()}")
+        try:
+            self.run_as.chown_tree(datadir)
+        except Unavailable:
+            shutil.rmtree(datadir, ignore_errors=True)
+            raise
         return datadir
+
+    @staticmethod
+    def remove_child_datadir(datadir: Path) -> None:
+        shutil.rmtree(datadir, ignore_errors=True)
 
     def remove_abandoned_child_datadirs(self) -> None:
         """Child datadirs of processes that are gone (killed without closing their engine)."""
@@ -231,6 +278,13 @@ class DataDirectory:
             if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
                 log.info("removing the abandoned child datadir %s", datadir)
                 shutil.rmtree(datadir, ignore_errors=True)
+
+
+def _chown_tree(path: Path, uid: int, gid: int) -> None:
+    done = subprocess.run(["chown", "-R", "--no-dereference", f"{uid}:{gid}", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Unavailable(f"could not give {path} to uid {uid}: {done.stderr.strip()}")
 
 
 def _process_exists(pid: int) -> bool:

@@ -35,6 +35,8 @@ _CHILD_GUCS = (
     "autovacuum=off",
     "jit=off",
     "huge_pages=off",
+    # Dynamic shared memory as files in the datadir, not in /dev/shm: the sandboxed child removes them at exit.
+    "dynamic_shared_memory_type=mmap",
     "max_connections=2",
     "superuser_reserved_connections=0",
     "max_worker_processes=0",
@@ -68,7 +70,10 @@ class RedoEngine:
     ...     page = engine.redo(tag, lsn, base_image, records)
     """
 
-    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo", **overrides):
+    def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo",
+                 child_gucs: Sequence[str] = (), **overrides):
+        """``child_gucs``: more ``name=value`` settings for the children (the sandbox probes of tests and
+        `walredod doctor`)."""
         if settings is None:
             settings = EngineSettings(**overrides)
         elif overrides:
@@ -76,10 +81,10 @@ class RedoEngine:
         self.settings = settings
         self.name = name
         self.stats = EngineStats()
+        self._child_gucs = tuple(child_gucs)
         self._run_as = RunAs.for_settings(settings)
         self._data = None
         self._extension: Path | None = None
-        self._free_datadirs: list[Path] = []  # of dead children, for new ones
         self._all_datadirs: list[Path] = []
         self._datadir_of: dict[int, Path] = {}  # child pid -> its datadir
         self._active: RedoChild | None = None
@@ -146,6 +151,31 @@ class RedoEngine:
     def spare_pid(self) -> int | None:
         return self._spare.pid if self._spare else None
 
+    @property
+    def child_datadir(self) -> Path | None:
+        """The active child's scratch datadir (vanilla)."""
+        return self._datadir_of.get(self._active.pid) if self._active else None
+
+    @property
+    def data_root(self) -> Path | None:
+        return self._data.root if self._data else None
+
+    @property
+    def extension(self) -> Path | None:
+        """The copy of our extension the children load."""
+        return self._extension
+
+    def child_sandbox(self, timeout: float = 5.0) -> str | None:
+        """What the active child said about its sandbox ("seccomp=... landlock=..."); None if it said nothing."""
+        if self._active is None:
+            self._take_over()
+        return self._active.sandbox_report(timeout)
+
+    def children_sandbox(self, timeout: float = 30.0) -> dict[int, str | None]:
+        """Child pid -> what it said about its sandbox, for the active child and the spare (waits for a spare that
+        is still starting)."""
+        return {child.pid: child.sandbox_report(timeout) for child in (self._active, self._spare) if child}
+
     def close(self) -> None:
         """Stop the children (EOF on their stdin) and remove their datadirs."""
         self._closed = True
@@ -157,7 +187,6 @@ class RedoEngine:
         for datadir in self._all_datadirs:
             shutil.rmtree(datadir, ignore_errors=True)
         self._all_datadirs.clear()
-        self._free_datadirs.clear()
 
     def __enter__(self) -> RedoEngine:
         return self
@@ -202,7 +231,7 @@ class RedoEngine:
         raise last.death_error()
 
     def _child_died(self, child: RedoChild, cause: str) -> None:
-        """Forget a dead (or hung) child. It is reaped and its datadir reused later, off the request's path."""
+        """Forget a dead (or hung) child. It is reaped and its datadir removed later, off the request's path."""
         log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
         self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
         if cause != "died idle":  # an idle child that hung up is already dead; reaping it can wait
@@ -237,7 +266,7 @@ class RedoEngine:
         for _attempt in range(2):
             child, self._spare = self._spare, None
             if child is None:
-                self._bury_dead()  # frees the dead child's datadir for the new one
+                self._bury_dead()  # removes the dead child's datadir before a new one is made
                 child = self._start_child()
             try:
                 child.wait_ready(self.settings.start_timeout)
@@ -257,13 +286,16 @@ class RedoEngine:
             cwd = self.settings.data_dir if self.settings.data_dir.is_dir() else None
             datadir = None
         else:
-            datadir = self._free_datadirs.pop() if self._free_datadirs else self._new_child_datadir()
+            # A fresh datadir for every child: one taken over leaves nothing for the next (datadir.py).
+            datadir = self._new_child_datadir()
             argv = [str(self._data.postgres_bin), "--single", "-D", str(datadir),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
                     "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
-                    "-c", f"walredod.wal_format={self.settings.wal_format}"]
-            for guc in _CHILD_GUCS:
+                    "-c", f"walredod.wal_format={self.settings.wal_format}",
+                    "-c", f"walredod.sandbox={self.settings.sandbox}",
+                    "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}"]
+            for guc in (*_CHILD_GUCS, *self._child_gucs):
                 argv += ["-c", guc]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
@@ -272,7 +304,7 @@ class RedoEngine:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
         except Unavailable:
             if datadir is not None:
-                self._free_datadirs.append(datadir)
+                self._remove_datadir(datadir)
             raise
         if datadir is not None:
             self._datadir_of[child.pid] = datadir
@@ -291,7 +323,12 @@ class RedoEngine:
     def _release_datadir(self, child: RedoChild) -> None:
         datadir = self._datadir_of.pop(child.pid, None)
         if datadir is not None:
-            self._free_datadirs.append(datadir)
+            self._remove_datadir(datadir)
+
+    def _remove_datadir(self, datadir: Path) -> None:
+        self._data.remove_child_datadir(datadir)
+        if datadir in self._all_datadirs:
+            self._all_datadirs.remove(datadir)
 
 
 def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:

@@ -16,14 +16,17 @@ DATA_DIR_HELP = ("the engine's data directory: template cluster and redo childre
 
 
 def doctor(args: argparse.Namespace) -> int:
-    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers.
-    With --wal: say which heap record format a WAL directory holds instead."""
+    """Check that this machine can rebuild pages: binaries, template cluster, a child that starts and answers, and
+    the sandbox that child is in. With --wal: say which heap record format a WAL directory holds instead."""
     if args.wal:
         return doctor_wal(args.wal)
     from walredod.engine import RedoEngine
     from walredod.engine.datadir import find_extension, find_postgres_bin
 
-    settings = EngineSettings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    if args.endpoint:
+        return _doctor_daemon(args.endpoint[0], args.timeout)
+    settings = EngineSettings(**({"data_dir": args.data_dir} if args.data_dir else {}),
+                              **({"sandbox": args.sandbox} if args.sandbox else {}))
     print(f"postgres binary : {find_postgres_bin(settings)}")
     print(f"extension       : {find_extension(settings)}")
     print(f"data directory  : {settings.data_dir}")
@@ -38,8 +41,63 @@ def doctor(args: argparse.Namespace) -> int:
             rounds.append(time.perf_counter_ns() - t0)
         rounds.sort()
         print(f"ping round trip : p50 {rounds[len(rounds) // 2] / 1000:.1f} us over {len(rounds)} pings")
+        sandbox_ok = _doctor_sandbox(settings, engine)
+    if not sandbox_ok:
+        print(f"FAILED: the sandbox is not in force (engine.sandbox = {settings.sandbox!r})")
+        return 1
     print("ok: this machine can run walredod's redo engine")
     return 0
+
+
+def _doctor_daemon(endpoint: str, timeout: float) -> int:
+    """The sandbox of each live redo child of a running daemon, as the kernel reports it (each child also logs its
+    "sandbox in force" line, with its Landlock ABI, when it starts)."""
+    from walredod.client import RedoClient
+    from walredod.engine.sandbox import process_sandbox
+
+    with RedoClient(endpoint) as client:
+        workers = client.status(timeout=timeout)["workers"]
+    confined = True
+    for worker in workers:
+        pid = worker.get("child_pid")
+        if not pid:
+            print(f"worker {worker['slot']}: no redo child now ({worker['state']})")
+            continue
+        try:
+            process = process_sandbox(pid)
+        except OSError as exc:
+            print(f"worker {worker['slot']}: redo child {pid}: cannot read /proc ({exc.strerror})")
+            confined = False
+            continue
+        ok = process.seccomp == 2 and process.no_new_privs and not process.dumpable
+        confined &= ok
+        print(f"worker {worker['slot']}: redo child {process.describe()}{'' if ok else ': NOT SANDBOXED'}")
+    return 0 if confined else 1
+
+
+def _doctor_sandbox(settings: EngineSettings, engine) -> bool:
+    """Print the sandbox of the engine's live child and of a probe child that tries to break out of it."""
+    from walredod.engine.sandbox import probe_sandbox, process_sandbox
+
+    report = engine.child_sandbox()
+    process = process_sandbox(engine.child_pid)
+    print(f"sandbox setting : {settings.sandbox}")
+    print(f"child sandbox   : {report or 'nothing said'}")
+    print(f"child process   : {process.describe()}")
+    if settings.sandbox == "off":
+        return True
+    # The probe child tries what a taken-over child would: the live child's datadir and memory, the extension
+    # every child loads, the data directory, a socket of its own (the daemon's sockets).
+    datadir = engine.child_datadir
+    actions = [f"read:{datadir}/PG_VERSION", f"write:{datadir}/postgresql.auto.conf", f"write:{engine.extension}",
+               f"read:/proc/{engine.child_pid}/mem", f"list:{engine.data_root}", "socket"]
+    probe = probe_sandbox(settings, actions)
+    for action in actions:
+        print(f"probe           : {action}: {probe.outcomes.get(action, 'not run')}")
+    in_force = (report is not None and "seccomp=none" not in report and "landlock=none" not in report
+                and process.seccomp == 2 and process.no_new_privs and not process.dumpable)
+    refused = all(probe.outcomes.get(a, "").startswith(("denied", "killed")) for a in actions)
+    return (in_force and refused) or settings.sandbox == "best_effort"
 
 
 _FORMAT_ADVICE = {
@@ -171,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("doctor", help="check the set-up: start a redo engine and ping it; or, with --wal, "
-                            "say which format a WAL directory holds")
+    p = commands.add_parser("doctor", help="check the set-up: start a redo engine, ping it, show and probe its "
+                            "sandbox; or, with --wal, say which format a WAL directory holds")
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--pings", type=int, default=1000)
+    p.add_argument("--sandbox", choices=["required", "best_effort", "off"],
+                   help="the engine.sandbox setting to check with (default: required)")
+    p.add_argument("--endpoint", action="append",
+                   help="instead, show the sandbox of each redo child of the daemon serving this endpoint")
+    p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--wal", type=Path, metavar="DIR",
                    help="scan this WAL directory (or segment file) instead: vanilla PostgreSQL 15 or Neon compute "
                    "heap records, and the engine settings to use")

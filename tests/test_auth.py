@@ -172,3 +172,17 @@ time.sleep(3)
     finally:
         context.term()
         backend.close()
+
+
+def test_keygen_command_writes_a_pair_and_never_overwrites(tmp_path):
+    def keygen(*args):
+        return subprocess.run([sys.executable, "-m", "walredod", "keygen", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    assert keygen("--name", "pageserver-1").returncode == 0
+    public, secret = tmp_path / "pageserver-1.key", tmp_path / "pageserver-1.key_secret"
+    assert public.exists() and secret.stat().st_mode & 0o777 == 0o600
+    before = secret.read_bytes()
+    again = keygen("--name", "pageserver-1")
+    assert again.returncode != 0 and "not overwriting" in again.stderr
+    assert secret.read_bytes() == before

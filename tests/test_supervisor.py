@@ -144,6 +144,7 @@ class Harness:
     def answers(self) -> dict[int, tuple[int, bytes]]:
         """request id -> (status, body) of every reply so far, taken off the record; a second reply to one id
         fails the test."""
+        self.check_invariants()
         got = {}
         for _endpoint, _client, frames in self.replies:
             request_id, status, body = protocol.decode_reply(frames)
@@ -155,6 +156,16 @@ class Harness:
     def tick(self, seconds: float = 0.0) -> None:
         self.clock.advance(seconds)
         self.pool.tick()
+        self.check_invariants()
+
+    def check_invariants(self) -> None:
+        """What the pool keeps in step: a slot's load is what it holds, everything held is pending, and a slot's
+        credit never goes below zero."""
+        pool = self.pool
+        for slot in pool.slots.values():
+            assert slot.load == sum(p.requests for p in slot.in_flight.values()), slot
+            assert all(token in pool.pending and pool.pending[token].slot == slot.index for token in slot.in_flight)
+            assert slot.credit >= 0
 
 
 def status(name: str) -> int:

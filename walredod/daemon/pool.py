@@ -108,6 +108,7 @@ class Slot:
     credit: int = 0
     in_flight: dict[int, Pending] = field(default_factory=dict)
     owed: set[int] = field(default_factory=set)  # tokens answered for the worker (timeout): its reply returns credit
+    load: int = 0  # requests in flight here, a batch counting its size (kept, not summed: read per dispatch)
     last_seen: float = 0.0
     started_at: float = 0.0
     failed_starts: int = 0
@@ -253,6 +254,7 @@ class Pool:
                 self.waiting.appendleft(token)
         slot.in_flight.clear()
         slot.owed.clear()
+        slot.load = 0
         self.metrics.set_in_flight(slot.index, 0)
         if not slot.retiring:  # a retiring slot is not restarted: housekeeping removes it
             slot.failed_starts = slot.failed_starts + 1 if never_ready else 0
@@ -299,7 +301,9 @@ class Pool:
                 return
             slot.owed.discard(token)  # we answered it already (timeout); the worker's credit comes back
         slot.credit += 1
-        if pending is not None and self.pending.pop(token, None) is not None:
+        if pending is not None:
+            del self.pending[token]
+            slot.load -= pending.requests
             pending.frontend.send(pending.client, [b"", *frames[3:]])  # a batch's reply has more frames
             self.metrics.observe(protocol.STATUS_NAMES.get(protocol.reply_status(frames[3].buffer), "ok"),
                                  now - pending.accepted, pending.records)
@@ -376,7 +380,7 @@ class Pool:
         workers have credit."""
         slots = self.slots
         ready = [s.index for s in slots.values() if s.takes_work]
-        load = lambda i: sum(p.requests for p in slots[i].in_flight.values())  # noqa: E731
+        load = lambda i: slots[i].load  # noqa: E731
         has_credit = lambda i: slots[i].credit > 0  # noqa: E731
         while self.waiting:
             token = self.waiting[0]
@@ -390,6 +394,7 @@ class Pool:
             self.waiting.popleft()
             slot = slots[index]
             slot.credit -= 1
+            slot.load += pending.requests
             slot.in_flight[token] = pending
             pending.slot = index
             pending.attempts += 1
@@ -404,6 +409,7 @@ class Pool:
         if pending.slot is not None:
             slot = self.slots[pending.slot]
             if slot.in_flight.pop(token, None) is not None:
+                slot.load -= pending.requests
                 slot.owed.add(token)  # its worker still holds it, and will answer
         self.metrics.observe(error.code, self.clock() - pending.accepted, pending.records)
         pending.frontend.send(pending.client, protocol.encode_error(pending.request_id, error))

@@ -446,6 +446,10 @@ def test_a_tcp_client_needs_an_allowed_key(real_requests, tmp_path):
                 with pytest.raises(Unavailable):
                     client.ping(timeout=2)
         assert "client key" in (daemon.root / "daemon.log").read_text()
+        status = walredod("status", "--endpoint", daemon.tcp_endpoint, "--server-key",
+                          str(daemon.root / "keys" / "walredod.key"), "--key",
+                          str(daemon.root / "keys" / "clients" / "test-client.key_secret"))
+        assert status.returncode == 0 and "ready" in status.stdout, status.stderr
         assert metric(daemon, "walredod_refused_connections_total") >= 1
     finally:
         daemon.stop()

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""The daemon against its own floor and against engines driven directly, side by side in one run.
+"""The daemon against its own floors and against engines driven directly, side by side in one run.
 
     python3 bench/daemon_study.py [--seconds 4]
 
 Uses the shipped request sample (walredod/tools/data/requests.bin.gz; no PostgreSQL server needed), starts daemons with
-the placements compared, measures the transport floor (bench/transport_floor.py) in the same run, and prints the
-targets of the performance issue as ratios. Writes bench/results/daemon_study.json and .png.
+the placements compared, measures the transport floors in the same run (ZeroMQ: bench/transport_floor.py; AF_UNIX
+for the local data path: bench/unix_floor.py), the local path's faults (bench/local_faults.py), and prints the
+targets of the performance issues as ratios. The client takes the local data path by default (an ipc:// endpoint);
+rows marked "ZeroMQ" keep it to ZeroMQ (RedoClient(local=False)). Writes bench/results/daemon_study.json and .png.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from local_faults import bad_requests_interleaved, children_of, kill_children_under_load  # noqa: E402
 from transport_floor import floors  # noqa: E402
+from unix_floor import floors as unix_floors  # noqa: E402
 
 from walredod import protocol  # noqa: E402
 from walredod.tools import benchmark  # noqa: E402
-from walredod.client import RedoClient  # noqa: E402
+from walredod.client import RedoClient, local  # noqa: E402
 from walredod.errors import Unavailable  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,8 +63,10 @@ class Daemon:
                 except Unavailable:
                     pass
                 time.sleep(0.1)
+        # Redo children: the active one and the spare of each worker (both serve the local data path).
+        time.sleep(0.5)  # spares are started once a worker is idle
         self.pids = {"supervisor": [self.process.pid], "workers": [w["pid"] for w in workers_state],
-                     "redo children": [w["child_pid"] for w in workers_state]}
+                     "redo children": sorted(set().union(*(children_of(w["pid"]) for w in workers_state)))}
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -117,6 +123,8 @@ def main() -> int:
     runs = []
     run = benchmark.run
     via_supervisor = {"direct": False}
+    zeromq_only = {"local": False}
+    faults = {}
 
     # 1. One synchronous client, short requests: the engine directly, then the daemon (1 worker) by placement,
     #    on the direct data path (the default) and through the supervisor.
@@ -137,8 +145,11 @@ def main() -> int:
             runs.append(result)
             placements[label] = result
             if placement == "pair" and supervisor_cpu is None:
+                runs.append(run("daemon 1 worker, ZeroMQ direct path", "daemon", short, endpoint=daemon.endpoint,
+                                client_options=zeromq_only, stage_pids=daemon.pids, duration=seconds))
                 runs.append(run("daemon 1 worker, via supervisor", "daemon", short, endpoint=daemon.endpoint,
                                 client_options=via_supervisor, stage_pids=daemon.pids, duration=seconds))
+                faults["bad requests interleaved"] = bad_requests_interleaved(daemon.endpoint, short, 1000)
                 runs.append(run("daemon 1 worker, redo_many(64)", "daemon", short, endpoint=daemon.endpoint,
                                 mode="pipelined", stage_pids=daemon.pids, duration=seconds))
         finally:
@@ -147,6 +158,7 @@ def main() -> int:
     # 2. The transport floor in the same run: same frames, same hops, an echo instead of redo.
     tag, lsn, base, records = short[0]
     floor = floors(protocol.encode_redo_request(1, tag, lsn, base, records), seconds)
+    unix_floor = unix_floors(local.encode_redo(1, tag, lsn, base, records), seconds, cpus)
 
     # 3. Throughput with workers = cores: the daemon pipelined vs engines driven directly, one process each.
     engines = run(f"engines direct x{ncpu}", "engine", short, engine_options={"data_dir": work / "data"},
@@ -159,9 +171,18 @@ def main() -> int:
         pool_via = run(f"daemon {ncpu} workers, via supervisor", "daemon", short, endpoint=daemon.endpoint,
                        client_options=via_supervisor, mode="pipelined", clients=ncpu, stage_pids=daemon.pids,
                        duration=seconds)
+        pool_zmq = run(f"daemon {ncpu} workers, pipelined, ZeroMQ", "daemon", short, endpoint=daemon.endpoint,
+                       client_options=zeromq_only, mode="pipelined", clients=ncpu, stage_pids=daemon.pids,
+                       duration=seconds)
         hot = run(f"daemon {ncpu} workers, 90% one relation", "daemon", hot_mix(short), endpoint=daemon.endpoint,
                   mode="pipelined", clients=ncpu, stage_pids=daemon.pids, duration=seconds)
-        runs += [pool, pool_via, hot]
+        runs += [pool, pool_zmq, pool_via, hot]
+        from walredod.engine import RedoEngine
+
+        with RedoEngine(data_dir=work / "data") as engine:
+            expected = [engine.redo(*request) for request in short]
+        faults["redo children killed under load"] = kill_children_under_load(
+            daemon.endpoint, short, expected, daemon.pids["workers"], clients=4, seconds=30.0, every=2.0)
     finally:
         daemon.stop()
 
@@ -171,7 +192,9 @@ def main() -> int:
     benchmark.print_table(runs)
     by_label = {r.label: r for r in runs}
     engine_p50 = by_label["engine direct, one CPU"].percentile(0.5)
+    engine_unpinned_p50 = by_label["engine direct, unpinned"].percentile(0.5)
     default = by_label["daemon 1 worker, default (pair)"]
+    zeromq_direct = by_label["daemon 1 worker, ZeroMQ direct path"]
     via = by_label["daemon 1 worker, via supervisor"]
     best = min(placements.values(), key=lambda r: r.percentile(0.5))
     batch = by_label["daemon 1 worker, redo_many(64)"]
@@ -179,9 +202,28 @@ def main() -> int:
     broker_cpu = floor["brokered_pipelined"]["cpu_us_per_request"]["broker"]
     worker_cpu = pool.cpu_us_per_request["workers"]
     engine_driver_cpu = engines.cpu_us_per_request["client"]
+    bad = faults["bad requests interleaved"]
+    killed = faults["redo children killed under load"]
+
+    def total_cpu(result) -> float:
+        return sum(v for k, v in result.cpu_us_per_request.items() if not k.endswith("zmq I/O"))
+
     targets = {
+        "local path: sync p50 / the same client's in-process engine p50, unpinned (<= 1.3)":
+            default.percentile(0.5) / engine_unpinned_p50,
+        "  local path p50 - AF_UNIX floor p50, unpinned (what redo and the child add, µs)":
+            default.percentile(0.5) - unix_floor["sync, unpinned"]["p50_us"],
+        "  ZeroMQ direct path p50 / in-process engine p50, unpinned": zeromq_direct.percentile(0.5) / engine_unpinned_p50,
+        "local path: pipelined throughput / engines direct, workers = CPUs (>= 0.8)": pool.rate / engines.rate,
+        "local path: CPU per request, all processes / in-process (<= 1.3)": total_cpu(pool) / total_cpu(engines),
+        "  ZeroMQ direct pipelined throughput / engines direct": pool_zmq.rate / engines.rate,
+        "local path: 1,000 bad requests interleaved, child restarts (0)": bad["child_restarts"],
+        "local path: good p50 with bad interleaved / alone (<= 1.2)": bad["ratio"],
+        "local path: kill -9 every 2 s, 4 clients, 30 s: wrong pages + errors (0)":
+            killed["wrong_pages"] + killed["errors"],
+        "  requests answered right meanwhile": killed["answered_right"],
         "daemon overhead / floor, direct path vs direct floor (<= 1.3)":
-            (default.percentile(0.5) - engine_p50) / floor["direct_sync"]["p50_us"],
+            (zeromq_direct.percentile(0.5) - engine_p50) / floor["direct_sync"]["p50_us"],
         "daemon overhead / floor, via supervisor vs broker floor (<= 1.3)":
             (via.percentile(0.5) - engine_p50) / floor["brokered_sync"]["p50_us"],
         "default placement p50 / best placement p50 (<= 1.2)": default.percentile(0.5) / best.percentile(0.5),
@@ -203,12 +245,15 @@ def main() -> int:
             floor["brokered_sync"]["p50_us"] - floor["direct_sync"]["p50_us"],
     }
     print(f"\nfloor (same run): {json.dumps(floor)}")
+    print(f"AF_UNIX floor of the local path (same run): {json.dumps(unix_floor)}")
+    print(f"faults on the local path: {json.dumps(faults)}")
     print(f"worker Python, sockets aside (µs per request): {json.dumps(python_cost)}")
     print(f"best placement by hand: {best.label}")
     for name, value in targets.items():
         print(f"  {name:<76} {value:8.2f}")
     benchmark.save(runs, RESULTS / "daemon_study.json", RESULTS / "daemon_study.png",
-                   {"floor": floor, "targets": targets, "worker_python": python_cost, "cpus": cpus})
+                   {"floor": floor, "unix_floor": unix_floor, "faults": faults, "targets": targets,
+                    "worker_python": python_cost, "cpus": cpus})
     print(f"written {RESULTS / 'daemon_study.json'} and {RESULTS / 'daemon_study.png'}")
     return 0
 

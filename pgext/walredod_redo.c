@@ -70,6 +70,7 @@
 
 #include "sandbox.h"
 #include "wal_format.h"
+#include "walredod_redo.h"
 
 PG_MODULE_MAGIC;
 
@@ -146,9 +147,24 @@ static uint64 cpu_at_first_request_ns;
 static int64 blocks_written_at_start;
 static bool walredod_source_logs_hint_bits = false;
 static int	walredod_wal_format = WAL_FORMAT_VANILLA;
+
+/*
+ * Error replies on stdin (walredod.pipe_error_replies, which our engine sets;
+ * Neon's protocol has none, so it is off by default).  A request is then read
+ * whole, 'B' to 'G', and checked before redo touches anything, as on the
+ * local data path, and every reply starts with a status byte: PIPE_REPLY_OK
+ * then the page, or a refusal then a u32 length and a message.  A refused
+ * request leaves the process serving.
+ */
+#define PIPE_REPLY_OK		0
+#define PIPE_REPLY_INVALID	1	/* the request is wrong */
+#define PIPE_REPLY_INTERNAL 2	/* refused for a reason of ours */
+static bool walredod_pipe_error_replies = false;
 static XLogRecPtr wal_insert_at_start;
 
 static void serve(void) pg_attribute_noreturn();
+static void copy_target_page(char *page);
+static bool fill_input(size_t want, bool at_message_start);
 
 
 /*
@@ -390,11 +406,17 @@ check_tag_is_target(const char *p, char msgtype)
 						target.client_fork, target.blkno)));
 }
 
+static void start_target(RelFileNode rnode, ForkNumber fork,
+						 BlockNumber blkno);
+static void load_target_image(const char *image);
+
 /* 'B': start rebuilding a block; it exists as zeros until a 'P' fills it. */
 static void
 begin_redo(const char *body, uint32 len)
 {
-	Buffer		buf;
+	RelFileNode rnode;
+	ForkNumber	fork;
+	BlockNumber blkno;
 
 	if (len != WIRE_TAG_LEN)
 		ereport(ERROR,
@@ -406,11 +428,22 @@ begin_redo(const char *body, uint32 len)
 	if (target.active)
 		finish_request();
 
-	parse_tag(body, &target.client_rnode, &target.client_fork, &target.blkno);
-	walredod_sandbox_probe(target.client_rnode.relNode);
+	parse_tag(body, &rnode, &fork, &blkno);
+	start_target(rnode, fork, blkno);
+}
+
+/* Start rebuilding a block: it exists as zeros until a base image fills it. */
+static void
+start_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
+{
+	Buffer		buf;
+
+	target.client_rnode = rnode;
+	target.client_fork = fork;
+	target.blkno = blkno;
+	walredod_sandbox_probe(rnode.relNode);
 	/* Init forks would be flushed at once by redo; keep them in main. */
-	target.fork = target.client_fork == INIT_FORKNUM ?
-		MAIN_FORKNUM : target.client_fork;
+	target.fork = fork == INIT_FORKNUM ? MAIN_FORKNUM : fork;
 	target.active = true;
 	request_in_progress = true;
 	if (cpu_at_first_request_ns == 0)
@@ -432,18 +465,24 @@ begin_redo(const char *body, uint32 len)
 static void
 push_page(const char *body, uint32 len)
 {
-	Buffer		buf;
-
 	if (len != WIRE_TAG_LEN + BLCKSZ)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
 				 errmsg("walredod: 'P' message body is %u bytes, expected %d (tag and one %d-byte page)",
 						len, WIRE_TAG_LEN + BLCKSZ, BLCKSZ)));
 	check_tag_is_target(body, 'P');
+	load_target_image(body + WIRE_TAG_LEN);
+}
+
+/* Fill the target's page with its base image. */
+static void
+load_target_image(const char *image)
+{
+	Buffer		buf;
 
 	buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
 									RBM_ZERO_AND_LOCK, NULL, true);
-	memcpy(BufferGetPage(buf), body + WIRE_TAG_LEN, BLCKSZ);
+	memcpy(BufferGetPage(buf), image, BLCKSZ);
 	MarkBufferDirty(buf);
 	UnlockReleaseBuffer(buf);
 	target.buffer = buf;
@@ -506,21 +545,17 @@ block_touches_target(DecodedBkpBlock *blk)
 }
 
 /*
- * Point every block reference of the decoded record at our relations.
- * Returns the number of dummy relations used, filling 'used'; sets
- * *scratch_main_used when heap blocks of a visibility-map target were mapped
- * into the scratch relation.
+ * Complain unless the record's block references are within our relations'
+ * claimed size and one of them belongs to the target's history.
  */
-static int
-remap_blocks(RelFileNode *used, bool *scratch_main_used)
+static void
+check_record_blocks(DecodedXLogRecord *record)
 {
 	bool		touches = false;
-	int			nused = 0;
 
-	*scratch_main_used = false;
-	for (int id = 0; id <= decoded->max_block_id; id++)
+	for (int id = 0; id <= record->max_block_id; id++)
 	{
-		DecodedBkpBlock *blk = &decoded->blocks[id];
+		DecodedBkpBlock *blk = &record->blocks[id];
 
 		if (!blk->in_use)
 			continue;
@@ -537,15 +572,30 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("walredod: %s record does not reference the target block %u/%u/%u fork %d blk %u",
-						GetRmgr(decoded->header.xl_rmid).rm_name,
+						GetRmgr(record->header.xl_rmid).rm_name,
 						target.client_rnode.spcNode,
 						target.client_rnode.dbNode,
 						target.client_rnode.relNode,
 						target.client_fork, target.blkno)));
+}
 
-	for (int id = 0; id <= decoded->max_block_id; id++)
+/*
+ * Point every block reference of the reader's current record at our
+ * relations, after checking them.  Returns the number of dummy relations
+ * used, filling 'used'; sets *scratch_main_used when heap blocks of a
+ * visibility-map target were mapped into the scratch relation.
+ */
+static int
+remap_blocks(RelFileNode *used, bool *scratch_main_used)
+{
+	DecodedXLogRecord *record = reader->record;
+	int			nused = 0;
+
+	check_record_blocks(record);
+	*scratch_main_used = false;
+	for (int id = 0; id <= record->max_block_id; id++)
 	{
-		DecodedBkpBlock *blk = &decoded->blocks[id];
+		DecodedBkpBlock *blk = &record->blocks[id];
 
 		if (!blk->in_use)
 			continue;
@@ -609,17 +659,18 @@ pin_target(void)
 static bool
 visible_needs_lsn_stamp(XLogRecPtr end_lsn)
 {
+	DecodedXLogRecord *record = reader->record;
 	DecodedBkpBlock *heap_block;
 	Buffer		buf;
 	XLogRecPtr	page_lsn;
 
 	if (!(walredod_source_logs_hint_bits ||
 		  walredod_wal_format == WAL_FORMAT_NEON) ||
-		decoded->header.xl_rmid != RM_HEAP2_ID ||
-		(decoded->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
-		decoded->max_block_id < 1)
+		record->header.xl_rmid != RM_HEAP2_ID ||
+		(record->header.xl_info & XLOG_HEAP_OPMASK) != XLOG_HEAP2_VISIBLE ||
+		record->max_block_id < 1)
 		return false;
-	heap_block = &decoded->blocks[1];
+	heap_block = &record->blocks[1];
 	if (!heap_block->in_use || heap_block->apply_image ||
 		!RelFileNodeEquals(heap_block->rnode, scratch_rnode) ||
 		heap_block->forknum != target.fork ||
@@ -644,6 +695,9 @@ stamp_target_lsn(XLogRecPtr end_lsn)
 	UnlockReleaseBuffer(buf);
 }
 
+static void check_record_bytes(const char *rec, uint32 rec_len,
+							   XLogRecPtr end_lsn);
+
 /*
  * Check an 'A' message: its length, the record's own length and CRC, and that
  * the record's kind changes relation pages.  Returns the record (in place, it
@@ -654,8 +708,6 @@ check_record_message(const char *body, uint32 len, XLogRecPtr *end_lsn,
 					 uint32 *rec_len)
 {
 	XLogRecord *rec;
-	XLogRecord	hdr;
-	pg_crc32c	crc;
 
 	if (!target.active)
 		ereport(ERROR,
@@ -670,27 +722,44 @@ check_record_message(const char *body, uint32 len, XLogRecPtr *end_lsn,
 	*end_lsn = get_u64(body);
 	*rec_len = len - sizeof(uint64);
 	rec = (XLogRecord *) (body + sizeof(uint64));
+	check_record_bytes((const char *) rec, *rec_len, *end_lsn);
+	return rec;
+}
+
+/*
+ * Check a raw record of 'rec_len' bytes (possibly unaligned): its own length,
+ * its CRC, and that its kind changes relation pages.
+ */
+static void
+check_record_bytes(const char *rec, uint32 rec_len, XLogRecPtr end_lsn)
+{
+	XLogRecord	hdr;
+	pg_crc32c	crc;
+
+	if (rec_len < SizeOfXLogRecord)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: record at end LSN %X/%X is %u bytes, shorter than a record header",
+						LSN_FORMAT_ARGS(end_lsn), rec_len)));
 
 	/* The record may sit unaligned in our input buffer; copy the header. */
 	memcpy(&hdr, rec, SizeOfXLogRecord);
-	if (hdr.xl_tot_len != *rec_len)
+	if (hdr.xl_tot_len != rec_len)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X has xl_tot_len %u but the message carries %u bytes",
-						LSN_FORMAT_ARGS(*end_lsn), hdr.xl_tot_len, *rec_len)));
+						LSN_FORMAT_ARGS(end_lsn), hdr.xl_tot_len, rec_len)));
 
 	INIT_CRC32C(crc);
-	COMP_CRC32C(crc, ((char *) rec) + SizeOfXLogRecord,
-				*rec_len - SizeOfXLogRecord);
+	COMP_CRC32C(crc, rec + SizeOfXLogRecord, rec_len - SizeOfXLogRecord);
 	COMP_CRC32C(crc, (char *) &hdr, offsetof(XLogRecord, xl_crc));
 	FIN_CRC32C(crc);
 	if (!EQ_CRC32C(hdr.xl_crc, crc))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X fails its CRC check (stored %08X, computed %08X)",
-						LSN_FORMAT_ARGS(*end_lsn), hdr.xl_crc, crc)));
+						LSN_FORMAT_ARGS(end_lsn), hdr.xl_crc, crc)));
 	check_record_kind(&hdr);
-	return rec;
 }
 
 /* Make the decode buffer large enough for a record of 'rec_len' bytes. */
@@ -707,6 +776,9 @@ reserve_decode_space(uint32 rec_len)
 	decoded_size = needed;
 }
 
+static void decode_into(DecodedXLogRecord *into, const char *rec,
+						uint32 rec_len, XLogRecPtr end_lsn);
+
 /*
  * Decode a checked record into 'decoded' and make it the reader's current
  * record.  Redo only uses the end position (EndRecPtr); the start is unknown
@@ -715,33 +787,45 @@ reserve_decode_space(uint32 rec_len)
 static void
 decode_record(XLogRecord *rec, uint32 rec_len, XLogRecPtr end_lsn)
 {
-	char	   *errormsg = NULL;
-
 	reserve_decode_space(rec_len);
+	decode_into(decoded, (const char *) rec, rec_len, end_lsn);
+	reader->record = decoded;
+	reader->ReadRecPtr = end_lsn;
+	reader->EndRecPtr = end_lsn;
+}
+
+/*
+ * Decode a checked record into 'into', which has room for it
+ * (DecodeXLogRecordRequiredSpace).
+ */
+static void
+decode_into(DecodedXLogRecord *into, const char *rec, uint32 rec_len,
+			XLogRecPtr end_lsn)
+{
+	char	   *errormsg = NULL;
 
 	/*
 	 * DecodeXLogRecord copies what it keeps, but reads the record in place;
 	 * give it an aligned copy when the input buffer did not.  The copy lives
-	 * in redo_context, reset once the record is replayed.
+	 * in redo_context, reset once the record is replayed (or the request
+	 * checked).
 	 */
 	if (((uintptr_t) rec) % MAXIMUM_ALIGNOF != 0)
 	{
 		char	   *aligned = MemoryContextAllocHuge(redo_context, rec_len);
 
 		memcpy(aligned, rec, rec_len);
-		rec = (XLogRecord *) aligned;
+		rec = aligned;
 	}
 
-	if (!DecodeXLogRecord(reader, decoded, rec, end_lsn, &errormsg))
+	if (!DecodeXLogRecord(reader, into, (XLogRecord *) rec, end_lsn,
+						  &errormsg))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("walredod: record at end LSN %X/%X is malformed: %s",
 						LSN_FORMAT_ARGS(end_lsn),
 						errormsg ? errormsg : "unknown error")));
-	decoded->next_lsn = end_lsn;
-	reader->record = decoded;
-	reader->ReadRecPtr = end_lsn;
-	reader->EndRecPtr = end_lsn;
+	into->next_lsn = end_lsn;
 }
 
 static XLogRecPtr
@@ -757,22 +841,23 @@ target_page_lsn(void)
 }
 
 /*
- * The block ids of the decoded record (a bit each) that name the target and
- * whose tuples redo just wrote: not restored from an image, and either
- * initialised by the record or behind it by LSN before it (redo skips a
- * block that is not).
+ * The block ids of the reader's current record (a bit each) that name the
+ * target and whose tuples redo just wrote: not restored from an image, and
+ * either initialised by the record or behind it by LSN before it (redo skips
+ * a block that is not).
  */
 static uint64
 target_blocks_redone(XLogRecPtr lsn_before, XLogRecPtr lsn_after,
 					 XLogRecPtr end_lsn)
 {
+	DecodedXLogRecord *record = reader->record;
 	uint64		blocks = 0;
 
 	if (lsn_after != end_lsn)
 		return 0;
-	for (int id = 0; id <= decoded->max_block_id; id++)
+	for (int id = 0; id <= record->max_block_id; id++)
 	{
-		DecodedBkpBlock *blk = &decoded->blocks[id];
+		DecodedBkpBlock *blk = &record->blocks[id];
 
 		if (!blk->in_use || blk->apply_image ||
 			!RelFileNodeEquals(blk->rnode, scratch_rnode) ||
@@ -811,7 +896,7 @@ replay_record(XLogRecPtr end_lsn)
 	MemoryContext oldcontext;
 
 	oldcontext = MemoryContextSwitchTo(redo_context);
-	GetRmgr(decoded->header.xl_rmid).rm_redo(reader);
+	GetRmgr(reader->record->header.xl_rmid).rm_redo(reader);
 	MemoryContextSwitchTo(oldcontext);
 	if (fix_cids)
 		apply_neon_cid_fixes(lsn_before, end_lsn);
@@ -859,14 +944,163 @@ apply_record(const char *body, uint32 len)
 	stat_records++;
 }
 
+/*
+ * The records of the request check_redo_request accepted last, decoded into
+ * one arena for run_redo_request, so that nothing is decoded twice.
+ */
+static char *checked_arena;
+static size_t checked_arena_size;
+static DecodedXLogRecord **checked_records;
+static int	checked_records_size;
+
+/* Arenas larger than this are given back after their request. */
+#define CHECKED_ARENA_KEEP	(8 * 1024 * 1024)
+
+/*
+ * SQLSTATEs of refusals that say the request itself is wrong (the others
+ * are ours: out of memory while checking, say).
+ */
+bool
+is_invalid_request_sqlstate(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_PROTOCOL_VIOLATION ||
+		sqlerrcode == ERRCODE_DATA_CORRUPTED ||
+		sqlerrcode == ERRCODE_FEATURE_NOT_SUPPORTED ||
+		sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE ||
+		sqlerrcode == ERRCODE_WALREDOD_WAL_FORMAT_MISMATCH;
+}
+
+/*
+ * Check a whole request before redo touches anything: the tag, every
+ * record's length, CRC, kind and block references, and the order of the
+ * LSNs.  Refusals are ERRORs the caller may catch: nothing but the target's
+ * identity and the arena of decoded records has changed.
+ */
+void
+check_redo_request(const RedoRequest *req)
+{
+	XLogRecPtr	previous = InvalidXLogRecPtr;
+	size_t		total = 0;
+	size_t		offset = 0;
+
+	Assert(!target.active);
+	if (req->fork < 0 || req->fork > MAX_FORKNUM)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: invalid fork number %d in block tag",
+						(int) req->fork)));
+	if (req->blkno >= MaxBlockNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("walredod: block number %u in block tag is not below %u",
+						req->blkno, MaxBlockNumber)));
+	target.client_rnode = req->rnode;
+	target.client_fork = req->fork;
+	target.blkno = req->blkno;
+
+	for (int i = 0; i < req->nrecords; i++)
+	{
+		const RedoRequestRecord *r = &req->records[i];
+
+		check_record_bytes(r->data, r->len, r->end_lsn);
+		if (r->end_lsn < previous)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("walredod: record %d ends at %X/%X, before the record ahead of it (%X/%X)",
+							i, LSN_FORMAT_ARGS(r->end_lsn),
+							LSN_FORMAT_ARGS(previous))));
+		previous = r->end_lsn;
+		total += MAXALIGN(DecodeXLogRecordRequiredSpace(r->len));
+	}
+	if (previous > req->lsn)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("walredod: a record ends at %X/%X, after the requested LSN %X/%X",
+						LSN_FORMAT_ARGS(previous), LSN_FORMAT_ARGS(req->lsn))));
+
+	if (total > checked_arena_size)
+	{
+		if (checked_arena)
+			pfree(checked_arena);
+		checked_arena = NULL;
+		checked_arena_size = 0;
+		checked_arena = MemoryContextAllocHuge(TopMemoryContext, total);
+		checked_arena_size = total;
+	}
+	if (req->nrecords > checked_records_size)
+	{
+		int			size = Max(req->nrecords, 2 * checked_records_size);
+
+		if (checked_records)
+			pfree(checked_records);
+		checked_records = NULL;
+		checked_records_size = 0;
+		checked_records = MemoryContextAllocHuge(TopMemoryContext,
+												 size * sizeof(DecodedXLogRecord *));
+		checked_records_size = size;
+	}
+
+	for (int i = 0; i < req->nrecords; i++)
+	{
+		const RedoRequestRecord *r = &req->records[i];
+		DecodedXLogRecord *record = (DecodedXLogRecord *) (checked_arena + offset);
+
+		offset += MAXALIGN(DecodeXLogRecordRequiredSpace(r->len));
+		decode_into(record, r->data, r->len, r->end_lsn);
+		check_heap_record_format(record, r->end_lsn, walredod_wal_format);
+		check_record_blocks(record);
+		checked_records[i] = record;
+	}
+	MemoryContextReset(redo_context);
+}
+
+/*
+ * Rebuild the page of a request check_redo_request accepted, into 'page'
+ * (BLCKSZ bytes).  An ERROR here is a redo failure: it ends the process.
+ */
+void
+run_redo_request(const RedoRequest *req, char *page)
+{
+	start_target(req->rnode, req->fork, req->blkno);
+	if (req->image != NULL)
+		load_target_image(req->image);
+	for (int i = 0; i < req->nrecords; i++)
+	{
+		XLogRecPtr	end_lsn = req->records[i].end_lsn;
+		RelFileNode used[NUM_DUMMY_RELS];
+		bool		scratch_main_used;
+		int			nused;
+
+		reader->record = checked_records[i];
+		reader->ReadRecPtr = end_lsn;
+		reader->EndRecPtr = end_lsn;
+		if (walredod_wal_format == WAL_FORMAT_NEON)
+			neon_heap_record_to_vanilla(reader->record, redo_context);
+		nused = remap_blocks(used, &scratch_main_used);
+		replay_record(end_lsn);
+		release_record_blocks(used, nused, scratch_main_used);
+		stat_records++;
+	}
+	copy_target_page(page);
+	finish_request();
+	stat_requests++;
+
+	if (checked_arena_size > CHECKED_ARENA_KEEP)
+	{
+		pfree(checked_arena);
+		checked_arena = NULL;
+		checked_arena_size = 0;
+	}
+}
+
 static void
-write_reply(const char *page)
+write_all(const char *data, size_t len)
 {
 	size_t		done = 0;
 
-	while (done < BLCKSZ)
+	while (done < len)
 	{
-		ssize_t		n = write(reply_fd, page + done, BLCKSZ - done);
+		ssize_t		n = write(reply_fd, data + done, len - done);
 
 		if (n < 0)
 		{
@@ -880,12 +1114,17 @@ write_reply(const char *page)
 	}
 }
 
+static void
+write_reply(const char *page)
+{
+	write_all(page, BLCKSZ);
+}
+
 /* 'G': reply with the rebuilt page, then forget the request. */
 static void
 get_page(const char *body, uint32 len)
 {
 	PGAlignedBlock page;
-	Buffer		buf;
 
 	if (len != WIRE_TAG_LEN)
 		ereport(ERROR,
@@ -894,15 +1133,22 @@ get_page(const char *body, uint32 len)
 						len, WIRE_TAG_LEN)));
 	check_tag_is_target(body, 'G');
 
-	buf = pin_target();
-	LockBuffer(buf, BUFFER_LOCK_SHARE);
-	memcpy(page.data, BufferGetPage(buf), BLCKSZ);
-	UnlockReleaseBuffer(buf);
-
+	copy_target_page(page.data);
 	write_reply(page.data);
 	finish_request();
 
 	stat_requests++;
+}
+
+/* Copy the rebuilt page out of its buffer. */
+static void
+copy_target_page(char *page)
+{
+	Buffer		buf = pin_target();
+
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	memcpy(page, BufferGetPage(buf), BLCKSZ);
+	UnlockReleaseBuffer(buf);
 }
 
 /* 'H': reply with a page of zeros. */
@@ -917,7 +1163,224 @@ ping(uint32 len)
 				 errmsg("walredod: 'H' message has a %u-byte body, expected none",
 						len)));
 	MemSet(zeros.data, 0, BLCKSZ);
+	if (walredod_pipe_error_replies)
+	{
+		char		status = PIPE_REPLY_OK;
+
+		write_all(&status, 1);
+	}
 	write_reply(zeros.data);
+}
+
+/* Where a message of a whole request on stdin sits, from inbuf_start. */
+typedef struct PipeMessage
+{
+	char		type;
+	size_t		body;			/* offset of its body */
+	uint32		len;			/* length of its body */
+} PipeMessage;
+
+static PipeMessage *pipe_messages;
+static int	pipe_messages_size;
+static RedoRequestRecord *pipe_records;
+static int	pipe_records_size;
+static char pipe_reply[1 + BLCKSZ];
+
+/* Complain unless a message's body starts with the block tag 'tag'. */
+static void
+check_same_tag(const PipeMessage *m, const char *tag)
+{
+	RelFileNode rnode,
+				began_rnode;
+	ForkNumber	fork,
+				began_fork;
+	BlockNumber blkno,
+				began_blkno;
+
+	if (memcmp(inbuf + inbuf_start + m->body, tag, WIRE_TAG_LEN) == 0)
+		return;
+	parse_tag(tag, &began_rnode, &began_fork, &began_blkno);
+	parse_tag(inbuf + inbuf_start + m->body, &rnode, &fork, &blkno);
+	ereport(ERROR,
+			(errcode(ERRCODE_PROTOCOL_VIOLATION),
+			 errmsg("walredod: '%c' message names block %u/%u/%u fork %d blk %u, but redo began for %u/%u/%u fork %d blk %u",
+					m->type, rnode.spcNode, rnode.dbNode, rnode.relNode,
+					fork, blkno, began_rnode.spcNode, began_rnode.dbNode,
+					began_rnode.relNode, began_fork, began_blkno)));
+}
+
+/* Turn the messages of a whole request into 'req' (records in place). */
+static void
+build_pipe_request(RedoRequest *req, int nmessages)
+{
+	const char *base = inbuf + inbuf_start;
+	const char *tag = base + pipe_messages[0].body;
+	int			nrecords = 0;
+
+	parse_tag(tag, &req->rnode, &req->fork, &req->blkno);
+	req->image = NULL;
+	for (int i = 1; i < nmessages; i++)
+	{
+		const PipeMessage *m = &pipe_messages[i];
+		const char *body = base + m->body;
+
+		switch (m->type)
+		{
+			case 'P':
+				if (m->len != WIRE_TAG_LEN + BLCKSZ)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: 'P' message body is %u bytes, expected %d (tag and one %d-byte page)",
+									m->len, WIRE_TAG_LEN + BLCKSZ, BLCKSZ)));
+				if (i != 1)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: a 'P' message comes right after 'B', this one is message %d",
+									i)));
+				check_same_tag(m, tag);
+				req->image = body + WIRE_TAG_LEN;
+				break;
+			case 'A':
+				if (m->len < sizeof(uint64) + SizeOfXLogRecord)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: 'A' message body is %u bytes, too short for an LSN and a record header",
+									m->len)));
+				pipe_records[nrecords].end_lsn = get_u64(body);
+				pipe_records[nrecords].data = body + sizeof(uint64);
+				pipe_records[nrecords].len = m->len - sizeof(uint64);
+				nrecords++;
+				break;
+			case 'G':
+				if (m->len != WIRE_TAG_LEN)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROTOCOL_VIOLATION),
+							 errmsg("walredod: 'G' message body is %u bytes, expected %d",
+									m->len, WIRE_TAG_LEN)));
+				check_same_tag(m, tag);
+				break;
+		}
+	}
+	req->nrecords = nrecords;
+	req->records = pipe_records;
+	/* The pipe names no LSN of its own: the last record's end is the one. */
+	req->lsn = nrecords > 0 ? pipe_records[nrecords - 1].end_lsn : InvalidXLogRecPtr;
+}
+
+/*
+ * 'B' with error replies: read the request whole, check it, and answer it
+ * with the page or with why it was refused.
+ */
+static void
+serve_whole_pipe_request(void)
+{
+	size_t		pos = 0;
+	int			nmessages = 0;
+	RedoRequest req;
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ErrorData  *volatile refusal = NULL;
+
+	/*
+	 * A 'B' that is not a good block tag ends the process as without error
+	 * replies: which messages would belong to its request is not clear.
+	 */
+	{
+		uint32		len = get_u32(inbuf + inbuf_start + 1) - MSG_LENGTH_FIELD_LEN;
+		RelFileNode rnode;
+		ForkNumber	fork;
+		BlockNumber blkno;
+
+		if (len != WIRE_TAG_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: 'B' message body is %u bytes, expected %d",
+							len, WIRE_TAG_LEN)));
+		parse_tag(inbuf + inbuf_start + MSG_HEADER_LEN, &rnode, &fork, &blkno);
+	}
+
+	for (;;)
+	{
+		char		msgtype;
+		uint32		msglen;
+
+		fill_input(pos + MSG_HEADER_LEN, false);
+		msgtype = inbuf[inbuf_start + pos];
+		msglen = get_u32(inbuf + inbuf_start + pos + 1);
+		if (msglen < MSG_LENGTH_FIELD_LEN || msglen > MAX_MESSAGE_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: message '%c' has invalid length %u",
+							msgtype, msglen)));
+		/* Our engine sends B, P?, A*, G: anything else is lost framing. */
+		if (nmessages > 0 && msgtype != 'P' && msgtype != 'A' && msgtype != 'G')
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("walredod: message type 0x%02X inside a request",
+							(unsigned char) msgtype)));
+		fill_input(pos + MSG_HEADER_LEN + msglen - MSG_LENGTH_FIELD_LEN, false);
+		if (nmessages == pipe_messages_size)
+		{
+			int			size = Max(64, 2 * pipe_messages_size);
+
+			pipe_messages = pipe_messages == NULL ?
+				MemoryContextAllocHuge(TopMemoryContext, size * sizeof(PipeMessage)) :
+				repalloc_huge(pipe_messages, size * sizeof(PipeMessage));
+			pipe_records = pipe_records == NULL ?
+				MemoryContextAllocHuge(TopMemoryContext, size * sizeof(RedoRequestRecord)) :
+				repalloc_huge(pipe_records, size * sizeof(RedoRequestRecord));
+			pipe_messages_size = pipe_records_size = size;
+		}
+		pipe_messages[nmessages].type = msgtype;
+		pipe_messages[nmessages].body = pos + MSG_HEADER_LEN;
+		pipe_messages[nmessages].len = msglen - MSG_LENGTH_FIELD_LEN;
+		nmessages++;
+		pos += MSG_HEADER_LEN + msglen - MSG_LENGTH_FIELD_LEN;
+		if (msgtype == 'G')
+			break;
+	}
+
+	/* Refused here, nothing was touched: answer and carry on. */
+	PG_TRY();
+	{
+		build_pipe_request(&req, nmessages);
+		check_redo_request(&req);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		refusal = CopyErrorData();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+
+	if (refusal != NULL)
+	{
+		char	   *message = psprintf("%s (ERROR %s)", refusal->message,
+									   unpack_sql_state(refusal->sqlerrcode));
+		uint32		len = strlen(message);
+		char	   *reply = palloc(1 + 4 + len);
+		int			sqlstate = refusal->sqlerrcode;
+
+		reply[0] = is_invalid_request_sqlstate(sqlstate) ?
+			PIPE_REPLY_INVALID : PIPE_REPLY_INTERNAL;
+		reply[1] = (char) (len >> 24);
+		reply[2] = (char) (len >> 16);
+		reply[3] = (char) (len >> 8);
+		reply[4] = (char) len;
+		memcpy(reply + 5, message, len);
+		write_all(reply, 5 + len);
+		pfree(reply);
+		pfree(message);
+		FreeErrorData(refusal);
+	}
+	else
+	{
+		/* From here on an error is a redo failure, and ends the process. */
+		run_redo_request(&req, pipe_reply + 1);
+		pipe_reply[0] = PIPE_REPLY_OK;
+		write_all(pipe_reply, sizeof(pipe_reply));
+	}
+	inbuf_start += pos;
 }
 
 /*
@@ -1004,6 +1467,9 @@ serve(void)
 		uint32		bodylen;
 		const char *body;
 
+		/* Between requests on stdin, serve local clients until it has more. */
+		if (!target.active && inbuf_end == inbuf_start)
+			local_server_serve_until_stdin();
 		if (!fill_input(MSG_HEADER_LEN, true))
 			exit_on_eof();
 		msgtype = inbuf[inbuf_start];
@@ -1020,6 +1486,11 @@ serve(void)
 		switch (msgtype)
 		{
 			case 'B':
+				if (walredod_pipe_error_replies)
+				{
+					serve_whole_pipe_request();
+					continue;	/* it consumed the request */
+				}
 				begin_redo(body, bodylen);
 				break;
 			case 'P':
@@ -1127,10 +1598,14 @@ take_over(void)
 {
 	detach_from_terminal();
 	allocate_serving_state();
+	local_server_start();
 	enter_recovery();
 
-	/* Hostile input may follow: nothing outside the datadir from here on. */
-	walredod_sandbox_enter(-1);
+	/*
+	 * Hostile input may follow: nothing outside the datadir from here on.
+	 * The local data path's listening socket is the one that may accept.
+	 */
+	walredod_sandbox_enter(local_server_listen_fd());
 
 	PG_TRY();
 	{
@@ -1180,6 +1655,15 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("walredod.pipe_error_replies",
+							 "Answer a refused request on stdin with an error reply instead of exiting.",
+							 "Every reply then starts with a status byte (walredod's engine, not Neon's protocol).",
+							 &walredod_pipe_error_replies,
+							 false,
+							 PGC_SU_BACKEND,
+							 0,
+							 NULL, NULL, NULL);
+	local_server_define_gucs();
 	walredod_sandbox_define_gucs();
 	MarkGUCPrefixReserved("walredod");
 

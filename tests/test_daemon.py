@@ -335,10 +335,10 @@ def test_redo_child_stopped_past_the_timeout(own_daemon, real_requests):
     os.kill(victim, signal.SIGSTOP)
     tag, lsn, base, records, expected = next(r for r in real_requests
                                              if r[0].relation == real_requests[0][0].relation)
+    zeromq = RedoClient(daemon.endpoint, local=False)  # the worker's own wait (the local path: test_local_path.py)
     try:
         started = time.monotonic()
-        results = [daemon.client.redo_many([r[:4] for r in real_requests[:200]], timeout=2.0,
-                                           return_exceptions=True)]
+        results = [zeromq.redo_many([r[:4] for r in real_requests[:200]], timeout=2.0, return_exceptions=True)]
     finally:
         with contextlib.suppress(ProcessLookupError):  # normally killed already, as hung
             os.kill(victim, signal.SIGCONT)
@@ -348,7 +348,8 @@ def test_redo_child_stopped_past_the_timeout(own_daemon, real_requests):
     assert errors and all(isinstance(e, RedoTimeout) for e in errors)
     check_all([r for r in flat if not isinstance(r, Exception)],
               [q for r, q in zip(flat, real_requests[:200]) if not isinstance(r, Exception)])
-    assert daemon.client.redo(tag, lsn, base, records) == expected  # resumed
+    assert zeromq.redo(tag, lsn, base, records) == expected  # resumed
+    zeromq.close()
     assert worker in [w["pid"] for w in daemon.workers()]
 
 

@@ -143,6 +143,12 @@ class DaemonSettings(Strict):
         description="Workers also take requests straight from clients on this machine (each on an ipc socket "
         "beside the first ipc:// endpoint; the supervisor tells clients where): one ZeroMQ hop instead of two.",
     )
+    local_data_path: bool = Field(
+        True,
+        description="With the direct data path, clients on this machine send relation-page requests straight to a "
+        "worker slot's redo child over a Unix socket beside the worker's endpoint (<stem>-worker-<slot>.local): "
+        "no Python process and no ZeroMQ in between (docs/local-data-path.md).",
+    )
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus metrics endpoint; none when unset.",
     )

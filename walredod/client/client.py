@@ -24,11 +24,14 @@ import zmq
 import zmq.asyncio
 
 from walredod import protocol
-from walredod.client import access
-from walredod.client.core import BATCH_SIZE, PIPELINE_WINDOW, Call, ClientCore, RedoArgs, decode_result
+from walredod.client.core import BATCH_SIZE, PIPELINE_WINDOW, Call, ClientCore, Flight, RedoArgs, decode_result
 from walredod.client.directory import DIRECT_CHECK_INTERVAL
+from walredod.client import local
+from walredod.client.core import TRANSPORT_MARGIN, check_request
 from walredod.client.links import AsyncLinks, CurveKeys, Links, connect_dealer, direct_path_reachable
-from walredod.errors import InvalidRequest, Unavailable, WalredodError
+from walredod.client.local_link import LocalLink
+from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
+from walredod.client import access
 from walredod.types import BufferTag, WalRecord
 
 DEFAULT_TIMEOUT = 60.0
@@ -54,6 +57,20 @@ def _directory_timeout(core: ClientCore, timeout: float) -> float:
     return _DIRECTORY_TIMEOUT if core.directory.known else min(timeout, 5.0)
 
 
+def apply_reply(core: ClientCore, reply, now: float) -> Sequence[Call]:
+    """Hand what a link read to the core: a ZeroMQ reply (frames), answers the local data path decoded
+    ((message id, answers)), or a flight its lost connection leaves to re-send through the supervisor."""
+    kind = reply.__class__
+    if kind is list:
+        return core.on_reply(reply)
+    if kind is tuple:
+        return core.on_answers(*reply)
+    if kind is Flight:
+        core.resend_through_supervisor(reply, now)
+        return ()
+    raise TypeError(f"a link handed back {kind.__name__}")
+
+
 class RedoClient:
     """Blocking client. Not thread-safe: one per thread (ZeroMQ sockets belong to one thread).
 
@@ -62,10 +79,15 @@ class RedoClient:
     own rendezvous ranking picks for its relation (spilling over, as the supervisor does, when one worker holds
     more than its share of this client's requests), and re-sends through the supervisor whatever it had sent to a
     worker that has since died, retired or been replaced. Results are the same either way.
+
+    Where the directory lists a worker's local socket (``local``, the default), relation pages go over it straight
+    to the slot's redo child, with no ZeroMQ and no Python process in between (docs/local-data-path.md); what a
+    lost connection held is re-sent through the supervisor.
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None,
-                 direct: bool = True, window: int = PIPELINE_WINDOW, curve: CurveKeys | None = None):
+                 direct: bool = True, window: int = PIPELINE_WINDOW, local: bool = True,
+                 curve: CurveKeys | None = None):
         if problem := access.permission_denied(endpoint):  # else ZeroMQ would retry in silence until a timeout
             raise Unavailable(problem)
         self.endpoint = endpoint
@@ -73,7 +95,9 @@ class RedoClient:
         self._curve = curve  # for a tcp:// endpoint with CURVE (CurveKeys.load)
         self._context = context or zmq.Context.instance()
         self._core = ClientCore(endpoint, direct and direct_path_reachable(endpoint), window)
-        self._links = Links(self._context, endpoint, curve)
+        self._links = Links(self._context, endpoint, local, curve)
+        self._local = local and self._core.directory is not None
+        self._supervisor_core: ClientCore | None = None  # for what a lost local connection leaves to re-send
         self._control_socket = connect_dealer(self._context, endpoint, curve)  # replies to requests never mix
 
     def redo(self, tag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
@@ -83,10 +107,71 @@ class RedoClient:
         ``tag`` is a BufferTag (relation page) or an object tag of walredod.objects; the result is None for an
         object that does not exist at ``lsn`` (a prepared transaction that has ended).
         """
-        result = self.redo_many([(tag, lsn, base_image, records)], timeout=timeout, return_exceptions=True)[0]
+        timeout = self.timeout if timeout is None else timeout
+        link = self._idle_local_link(tag, records) if self._local else None
+        if link is not None:
+            result = self._local_round_trip(link, (tag, lsn, base_image, records), timeout)
+        else:
+            result = self.redo_many([(tag, lsn, base_image, records)], timeout=timeout, return_exceptions=True)[0]
         if isinstance(result, WalredodError):
             raise result
         return result
+
+    # --- one request on the local data path, without the core's machinery -----------------------------------
+
+    def _idle_local_link(self, tag, records) -> LocalLink | None:
+        """The local link of the worker this request goes to, when nothing else is in the air: a lone request then
+        makes its round trip on the connection directly (the core's routing, once, and none of its bookkeeping)."""
+        core = self._core
+        directory = core.directory
+        if core.busy or directory is None or not directory.usable() or not local.serves(tag, records):
+            return None
+        now = time.monotonic()
+        if directory.stale(now):
+            return None
+        worker = directory.choose(protocol.routing_key(tag))
+        if worker is None:
+            return None
+        directory.release(worker)
+        link = self._links.to(worker)
+        if link.__class__ is not LocalLink or not link.ready_for_round_trip(now):
+            self._links.refresh(link)
+            return None
+        self._links.refresh(link)
+        return link
+
+    def _local_round_trip(self, link: LocalLink, request: RedoArgs, timeout: float):
+        """The page or the error of one request sent on ``link``'s connection; a lost connection's request is sent
+        again through the supervisor, or answered RedoTimeout past its deadline (docs/local-data-path.md)."""
+        tag, lsn, base_image, records = request
+        check_request(tag, base_image)
+        request_id = self._core.next_id()
+        sent_at = time.monotonic()
+        data = local.encode_redo(request_id, tag, lsn, base_image, records, max(1, int(timeout * 1000)))
+        try:
+            status, body = link.round_trip(data, request_id, sent_at + timeout + TRANSPORT_MARGIN)
+        except local.ConnectionLost:
+            self._links.refresh(link)
+            if time.monotonic() >= sent_at + timeout:
+                return RedoTimeout(f"no reply from {link.path} within {timeout:g} s (its redo child ended)")
+            return self._through_supervisor(request, timeout)
+        except TimeoutError:
+            self._links.refresh(link)
+            return RedoTimeout(f"no reply from {link.path} within {timeout:g} s")
+        return body if status == protocol.STATUS_OK else protocol.error_for(status, body)
+
+    def _through_supervisor(self, request: RedoArgs, timeout: float):
+        core = self._supervisor_core
+        if core is None:
+            core = self._supervisor_core = ClientCore(self.endpoint, direct=False)
+        call = Call([request], timeout)
+        core.submit(call)
+        try:
+            self._serve(call, core)
+        except BaseException:
+            core.abandon()
+            raise
+        return call.results[0]
 
     def redo_many(self, requests: Iterable[RedoArgs], timeout: float | None = None,
                   return_exceptions: bool = False) -> list:
@@ -111,18 +196,21 @@ class RedoClient:
             _first_error(call.results)
         return call.results
 
-    def _serve(self, call: Call) -> None:
+    def _serve(self, call: Call, core: ClientCore | None = None) -> None:
         """Send, wait and read until every request of ``call`` is answered or given up on."""
-        core, links, clock = self._core, self._links, time.monotonic
+        core, links, clock = core or self._core, self._links, time.monotonic
         while not call.done:
             now = clock()
             if core.directory_due(now):
                 self._ask_directory(call.timeout)
                 now = clock()
             for flight in core.take_sends(now):
-                links.to(flight.worker).send(flight.frames)
-            for frames in links.wait(min(core.wakeup(now), _MAX_WAIT)):
-                core.on_reply(frames)
+                links.send(flight, now)
+            replies = links.wait(min(core.wakeup(now), _MAX_WAIT))
+            if replies:
+                now = clock()
+                for reply in replies:
+                    apply_reply(core, reply, now)
             core.on_time(clock())
 
     def _ask_directory(self, timeout: float) -> None:
@@ -181,7 +269,7 @@ class AsyncRedoClient:
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, direct: bool = True,
-                 window: int = PIPELINE_WINDOW, curve: CurveKeys | None = None):
+                 window: int = PIPELINE_WINDOW, local: bool = True, curve: CurveKeys | None = None):
         if problem := access.permission_denied(endpoint):
             raise Unavailable(problem)
         self.endpoint = endpoint
@@ -189,7 +277,7 @@ class AsyncRedoClient:
         self._curve = curve
         self._context = zmq.asyncio.Context.instance()
         self._core = ClientCore(endpoint, direct and direct_path_reachable(endpoint), window)
-        self._links = AsyncLinks(self._context, endpoint, self._on_reply, curve)
+        self._links = AsyncLinks(self._context, endpoint, self._on_reply, local, curve)
         self._control_socket = connect_dealer(self._context, endpoint, curve)
         self._control_lock = asyncio.Lock()
         self._flush_scheduled = False
@@ -236,10 +324,10 @@ class AsyncRedoClient:
             self._directory_task = asyncio.get_running_loop().create_task(self._ask_directory())
         links = self._links
         for flight in core.take_sends(now):
-            links.to(flight.worker).send(flight.frames)
+            links.send(flight, now)
 
-    def _on_reply(self, frames: list) -> None:
-        self._finish(self._core.on_reply(frames))
+    def _on_reply(self, reply) -> None:
+        self._finish(apply_reply(self._core, reply, time.monotonic()))
         if self._core.has_sends:
             self._schedule_flush(asyncio.get_running_loop())
 

@@ -16,6 +16,12 @@ reads the worker's directory entry (``DirectWorker.listing``) and returns the li
 ``link.serves(worker)`` says whether a cached link still reaches the worker now listed there (a link to one
 process, not to an endpoint, answers False for a new pid, and is replaced). The routing core
 (walredod.client.core) is not touched by a new transport.
+
+The local data path is such a transport (walredod.client.local_link, docs/local-data-path.md): a worker whose entry
+lists a ``local`` socket gets a link that carries relation pages over it, straight to the slot's redo child, and
+the rest over the worker's ZeroMQ endpoint. Such a link takes whole flights (``send_flight(flight, now)``: it
+encodes the requests in its own format) and hands back, besides ZeroMQ replies, decoded answers and flights to
+re-send through the supervisor; ``Links.send`` and the shells' ``apply_reply`` deal with both kinds of link.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import zmq.asyncio
 
 from walredod import protocol
 from walredod.client.directory import DirectWorker
+from walredod.client.local_link import AsyncLocalLink, LocalLink
 
 log = logging.getLogger(__name__)
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
@@ -80,11 +87,13 @@ def direct_path_reachable(endpoint: str) -> bool:
 class ZmqLink:
     """A DEALER to one endpoint."""
 
-    __slots__ = ("endpoint", "socket", "pollable")
+    __slots__ = ("endpoint", "socket", "pollables", "registered")
+    pollables_changed = False
 
     def __init__(self, context: zmq.Context, endpoint: str, curve: CurveKeys | None = None):
         self.endpoint = endpoint
-        self.socket = self.pollable = connect_dealer(context, endpoint, curve)
+        self.socket = connect_dealer(context, endpoint, curve)
+        self.pollables = (self.socket,)
 
     def serves(self, worker: DirectWorker) -> bool:
         return worker.endpoint == self.endpoint
@@ -107,32 +116,50 @@ class ZmqLink:
         self.socket.close(linger=0)
 
 
-def open_link(context: zmq.Context, worker: DirectWorker) -> ZmqLink:
-    """The link to a listed worker (the only transport today: its ZeroMQ endpoint)."""
+def open_link(context: zmq.Context, worker: DirectWorker, local: bool = True):
+    """The link to a listed worker: its slot's local socket (with its ZeroMQ endpoint for the rest) when the
+    directory lists one and ``local`` allows, else its ZeroMQ endpoint."""
+    if local and worker.listing.get("local"):
+        return LocalLink(ZmqLink(context, worker.endpoint), worker)
     return ZmqLink(context, worker.endpoint)
 
 
 class Links:
     """A sync client's links: the supervisor's and the workers', and waiting on all of them at once."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, curve: CurveKeys | None = None):
+    def __init__(self, context: zmq.Context, endpoint: str, local: bool = True, curve: CurveKeys | None = None):
         self._context = context
         self._endpoint = endpoint
+        self._local = local  # the local data path, where the directory offers it
         self._curve = curve
         self._workers: dict[str, ZmqLink] = {}  # by the worker's endpoint
+        self._eventful: set = set()  # links with events to hand back before any wait
         self._poller = zmq.Poller()
         self._by_pollable: dict = {}
         self.supervisor = self._add(ZmqLink(context, endpoint, curve))
 
     def _add(self, link):
-        self._poller.register(link.pollable, _POLLIN)
-        self._by_pollable[link.pollable] = link
+        for pollable in link.pollables:
+            self._poller.register(pollable, _POLLIN)
+            self._by_pollable[pollable] = link
+        link.registered = link.pollables
         return link
 
     def _remove(self, link) -> None:
-        self._poller.unregister(link.pollable)
-        del self._by_pollable[link.pollable]
+        self._forget_pollables(link)
         link.close()
+
+    def _forget_pollables(self, link) -> None:
+        for pollable in link.registered:
+            self._poller.unregister(pollable)
+            del self._by_pollable[pollable]
+
+    def refresh(self, link) -> None:
+        """A link whose connections changed (a local connection lost or made) is polled on its new ones."""
+        if link.pollables_changed:
+            link.pollables_changed = False
+            self._forget_pollables(link)
+            self._add(link)
 
     def to(self, worker: DirectWorker | None):
         """The link to a worker (None: the supervisor), opened on first use."""
@@ -142,18 +169,42 @@ class Links:
         if link is None or not link.serves(worker):
             if link is not None:
                 self._remove(link)
-            link = self._workers[worker.endpoint] = self._add(open_link(self._context, worker))
+            link = self._workers[worker.endpoint] = self._add(open_link(self._context, worker, self._local))
         return link
+
+    def send(self, flight, now: float) -> None:
+        """A flight to its destination (a worker, or the supervisor when it has none)."""
+        link = self.to(flight.worker)
+        if link.__class__ is LocalLink:
+            link.send_flight(flight, now)
+            self.refresh(link)
+            if link.has_events:
+                self._eventful.add(link)
+        else:
+            link.send(flight.frames)
 
     def wait(self, timeout: float) -> list[list]:
         """The replies that arrive within ``timeout`` seconds, from every link (none when time runs out)."""
+        if self._eventful:  # what a link learned while sending, at once
+            links, self._eventful = self._eventful, set()
+            replies = [reply for link in links for reply in link.drain()]
+            for link in links:
+                self.refresh(link)
+            return replies
         ready = self._poller.poll(timeout * 1000)
         if not ready:
             return []
         by_pollable = self._by_pollable
         if len(ready) == 1:
-            return by_pollable[ready[0][0]].drain()
-        return [reply for pollable, _event in ready for reply in by_pollable[pollable].drain()]
+            link = by_pollable[ready[0][0]]
+            replies = link.drain()
+            self.refresh(link)
+            return replies
+        links = {by_pollable[pollable] for pollable, _event in ready}
+        replies = [reply for link in links for reply in link.drain()]
+        for link in links:
+            self.refresh(link)
+        return replies
 
     def reset(self) -> None:
         """Close every link and open the supervisor's again: replies still under way are lost, not read later, and
@@ -163,7 +214,8 @@ class Links:
         self.supervisor = self._add(ZmqLink(self._context, self._endpoint, self._curve))
 
     def close(self) -> None:
-        for link in list(self._by_pollable.values()):
+        self._eventful.clear()
+        for link in set(self._by_pollable.values()):
             self._remove(link)
         self._workers.clear()
 
@@ -210,16 +262,20 @@ def _log_send_failure(future) -> None:
         log.warning("a message was not sent: %s (its requests will time out or be re-sent)", future.exception())
 
 
-def open_async_link(context: zmq.asyncio.Context, worker: DirectWorker) -> AsyncZmqLink:
+def open_async_link(context: zmq.asyncio.Context, worker: DirectWorker, local: bool = True):
+    if local and worker.listing.get("local"):
+        return AsyncLocalLink(AsyncZmqLink(context, worker.endpoint), worker)
     return AsyncZmqLink(context, worker.endpoint)
 
 
 class AsyncLinks:
     """An asyncio client's links; each reads its replies into ``on_reply``."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, on_reply, curve: CurveKeys | None = None):
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, on_reply, local: bool = True,
+                 curve: CurveKeys | None = None):
         self._context = context
         self._on_reply = on_reply
+        self._local = local
         self._workers: dict[str, AsyncZmqLink] = {}
         self.supervisor = AsyncZmqLink(context, endpoint, curve)
 
@@ -231,9 +287,16 @@ class AsyncLinks:
             if link is None or not link.serves(worker):
                 if link is not None:
                     link.close()
-                link = self._workers[worker.endpoint] = open_async_link(self._context, worker)
+                link = self._workers[worker.endpoint] = open_async_link(self._context, worker, self._local)
         link.start(self._on_reply)
         return link
+
+    def send(self, flight, now: float) -> None:
+        link = self.to(flight.worker)
+        if link.__class__ is AsyncLocalLink:
+            link.send_flight(flight, now)
+        else:
+            link.send(flight.frames)
 
     def close(self) -> None:
         for link in (self.supervisor, *self._workers.values()):

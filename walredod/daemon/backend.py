@@ -5,8 +5,8 @@ the first frame is the command:
 
 - supervisor -> worker: ``REQ token deadline frames...`` (a client's request from its header frame on) | ``HB`` |
   ``STOP``
-- worker -> supervisor: ``READY slot pid child_pid credit`` | ``HB requests child_pid restarts busy_until`` |
-  ``REP token reply_header body...``
+- worker -> supervisor: ``READY slot pid child_pid credit`` | ``HB requests child_pid restarts busy_until
+  [local_stats]`` | ``REP token reply_header body...``
 
 ``token`` is the supervisor's own 8-byte name for an accepted request (client request ids may collide across
 clients). ``deadline`` is CLOCK_MONOTONIC seconds as a double: one clock for every process on the machine.
@@ -49,8 +49,12 @@ def encode_ready(slot: int, pid: int, child_pid: int, credit: int) -> list:
     return [READY, _READY.pack(slot, pid, child_pid, credit)]
 
 
-def encode_heartbeat(served: int, child_pid: int, child_restarts: int, busy_until: float) -> list:
-    return [HEARTBEAT, _HEARTBEAT.pack(served, child_pid, child_restarts, busy_until)]
+def encode_heartbeat(served: int, child_pid: int, child_restarts: int, busy_until: float,
+                     local_stats: bytes | None = None) -> list:
+    frames = [HEARTBEAT, _HEARTBEAT.pack(served, child_pid, child_restarts, busy_until)]
+    if local_stats is not None:
+        frames.append(local_stats)  # encode_local_stats
+    return frames
 
 
 def encode_reply(token_frame, reply_frames: list) -> list:
@@ -91,3 +95,39 @@ def decode_request(frames: list) -> tuple[object, float, list]:
     """``frames`` from the command on: (token frame, deadline, the request's frames with a delimiter first, as the
     client protocol's decoder expects them)."""
     return frames[1], _DEADLINE.unpack(frames[2])[0], [b"", *frames[3:]]
+
+
+# --- the local data path's counters, in a worker's heartbeat ------------------------------------------------------
+
+_LOCAL_FIELDS = ("requests_ok", "requests_refused", "requests_internal", "connections_dropped", "records",
+                 "connections_accepted", "connections_open", "latency_sum_ns", "deadline_kills")
+_LOCAL_BUCKETS = 16
+_LOCAL = struct.Struct(f">{len(_LOCAL_FIELDS) + _LOCAL_BUCKETS}Q")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStats:
+    """What a worker's redo children served on the local data path since the worker started (walredod.engine.board
+    has the meaning of each; ``latency_buckets`` are per bucket, not cumulative, the last one +Inf)."""
+
+    requests_ok: int
+    requests_refused: int
+    requests_internal: int
+    connections_dropped: int
+    records: int
+    connections_accepted: int
+    connections_open: int
+    latency_sum_ns: int
+    deadline_kills: int
+    latency_buckets: tuple[int, ...]
+
+
+def encode_local_stats(counters) -> bytes:
+    """``counters``: a walredod.engine.board.LocalCounters. Sent as one more frame after a heartbeat's body."""
+    return _LOCAL.pack(*(getattr(counters, name) for name in _LOCAL_FIELDS), *counters.latency_buckets)
+
+
+def decode_local_stats(body) -> LocalStats:
+    values = _LOCAL.unpack(body)
+    count = len(_LOCAL_FIELDS)
+    return LocalStats(*values[:count], tuple(values[count:]))

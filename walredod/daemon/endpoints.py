@@ -331,3 +331,10 @@ class SupervisorEndpoints:
         for lock in self._locks:
             lock.release()
         self._locks.clear()
+def local_socket_path(daemon_settings, slot: int) -> str | None:
+    """A slot's socket of the local data path (docs/local-data-path.md), beside its direct endpoint and named by slot
+    like it: ``.../walredod-worker-<slot>.local``. None without the direct data path or with the local path off."""
+    base = direct_endpoint_base(daemon_settings)
+    if base is None or not daemon_settings.local_data_path:
+        return None
+    return f"{base[len('ipc://'):]}-{slot}.local"

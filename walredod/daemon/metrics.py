@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 log = logging.getLogger("walredod.daemon.metrics")
 
@@ -55,6 +56,8 @@ class Metrics:
             "walredod_refused_connections", "Connections refused at the handshake (ZAP), by ZAP domain: "
             "walredod-workers (a process posing as a worker) or walredod-clients (a tcp client without an allowed key).",
             ["domain"], registry=self.registry)
+        self._local = LocalPathCollector()
+        self.registry.register(self._local)
         self._server = None
         self._by_status: dict[str, Counter] = {}  # label lookups cost microseconds: once per value
         self._by_slot: dict[int, Gauge] = {}
@@ -81,6 +84,11 @@ class Metrics:
             gauge = self._served_by_slot[slot] = self.served.labels(slot=str(slot))
         gauge.set(count)
 
+    def set_local(self, slot: int, stats) -> None:
+        """The local data path's counters of a slot's worker (walredod.daemon.backend.LocalStats), from its
+        heartbeat: requests there never pass through the supervisor."""
+        self._local.by_slot[slot] = stats
+
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         server = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
@@ -91,3 +99,48 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+class LocalPathCollector:
+    """Requests served on the local data path (docs/local-data-path.md), per worker slot, as its worker last reported
+    them. They count from the worker's start: a new worker in a slot starts again from zero (a counter reset, which
+    Prometheus's rate() expects)."""
+
+    def __init__(self):
+        self.by_slot: dict = {}
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        requests = CounterMetricFamily("walredod_local_requests", "Requests answered on the local data path, by "
+                                       "status: ok, invalid_request (refused before redo; the child stays), "
+                                       "internal.", labels=["slot", "status"])
+        dropped = CounterMetricFamily("walredod_local_connections_dropped", "Local connections closed because a "
+                                      "request's framing was wrong.", labels=["slot"])
+        kills = CounterMetricFamily("walredod_local_deadline_kills", "Redo children killed for overrunning a "
+                                    "local request's deadline.", labels=["slot"])
+        records = CounterMetricFamily("walredod_local_records", "WAL records applied for local requests.",
+                                      labels=["slot"])
+        accepted = CounterMetricFamily("walredod_local_connections_accepted", "Local connections accepted.",
+                                       labels=["slot"])
+        open_now = GaugeMetricFamily("walredod_local_connections", "Local connections open.", labels=["slot"])
+        latency = HistogramMetricFamily("walredod_local_request_seconds", "Time inside the redo child from a local "
+                                        "request's arrival to its reply, for requests answered ok.",
+                                        labels=["slot"])
+        for slot, stats in sorted(self.by_slot.items()):
+            label = str(slot)
+            requests.add_metric([label, "ok"], stats.requests_ok)
+            requests.add_metric([label, "invalid_request"], stats.requests_refused)
+            requests.add_metric([label, "internal"], stats.requests_internal)
+            dropped.add_metric([label], stats.connections_dropped)
+            kills.add_metric([label], stats.deadline_kills)
+            records.add_metric([label], stats.records)
+            accepted.add_metric([label], stats.connections_accepted)
+            open_now.add_metric([label], stats.connections_open)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.latency_buckets):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([label], buckets, stats.latency_sum_ns / 1e9)
+        yield from (requests, dropped, kills, records, accepted, open_now, latency)

@@ -29,6 +29,7 @@ from walredod import protocol
 from walredod.config import Settings
 from walredod.daemon import backend
 from walredod.daemon.admission import Budget, FairQueue
+from walredod.daemon.endpoints import local_socket_path
 from walredod.daemon.metrics import Metrics
 from walredod.daemon.routing import Router
 from walredod.errors import InvalidRequest, PoisonRequest, RedoTimeout, Unavailable, WalredodError
@@ -122,6 +123,7 @@ class Slot:
     stop_sent: bool = False
     busy_until: float = 0.0  # the worker may be silent until then: it serves a direct request
     direct_endpoint: str | None = None
+    local_socket: str | None = None  # the local data path's socket (docs/local-data-path.md)
 
     @property
     def state(self) -> str:
@@ -192,6 +194,7 @@ class Pool:
 
     def _start(self, slot: Slot) -> None:
         slot.direct_endpoint = f"{self.direct_base}-{slot.index}.sock" if self.direct_base else None
+        slot.local_socket = local_socket_path(self.settings.daemon, slot.index) if self.direct_base else None
         slot.process = self.start_process(slot)
         slot.started_at = slot.last_seen = self.clock()
         slot.ready, slot.identity, slot.stop_sent, slot.busy_until = False, None, False, 0.0
@@ -285,6 +288,8 @@ class Pool:
             self.on_reply(slot, backend.decode_token(frames[2].buffer), frames)
         elif command == backend.HEARTBEAT and slot is not None:
             self.on_heartbeat(slot, backend.decode_heartbeat(frames[2].buffer))
+            if len(frames) > 3:  # what its redo children served on the local data path
+                self.metrics.set_local(slot.index, backend.decode_local_stats(frames[3].buffer))
         elif command == backend.READY:
             self.on_ready(identity, backend.decode_ready(frames[2].buffer))
         # anything else from an unknown identity is ignored: a worker we already declared dead
@@ -496,7 +501,7 @@ class Pool:
         endpoints are ipc sockets on this machine."""
         direct = local and self.direct_base is not None
         workers = [{"slot": s.index, "pid": s.process.pid if s.process else None, "endpoint": s.direct_endpoint,
-                    "ready": s.takes_work and s.process is not None}
+                    "local": s.local_socket, "ready": s.takes_work and s.process is not None}
                    for s in self.slots.values() if direct and s.direct_endpoint]
         return json.dumps({"direct": direct, "spill_factor": self.settings.daemon.spill_factor,
                            "workers": workers}).encode()

@@ -273,6 +273,8 @@ class Supervisor:
                 "--daemon-settings", self.settings.daemon.model_dump_json()]
         if slot.direct_endpoint:
             argv += ["--direct", slot.direct_endpoint]
+        if slot.local_socket:
+            argv += ["--local", slot.local_socket]
         # The worker's secret goes through a pipe only it inherits (argv and the environment are readable by other
         # processes of our uid); the Gatekeeper admits that secret from that pid alone.
         secret_read, secret_write = os.pipe()

@@ -9,6 +9,11 @@ Two sockets bring requests. The backend DEALER carries the supervisor's (control
 sent to the supervisor); the direct ROUTER, bound on the slot's own endpoint, takes clients' requests in the client
 protocol itself (docs/client-protocol.md, "Direct data path"), so the common request costs one ZeroMQ hop, not two.
 
+With the local data path on, the worker also creates, binds and listens on the slot's Unix socket and hands it to
+each redo child it starts (docs/local-data-path.md): clients then talk to the child itself, and the worker only
+manages it — replaces a child that died, kills one past a local request's deadline, and reports the children's
+counters in its heartbeats.
+
 The backend messages are in ``walredod.daemon.backend``.
 """
 
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -28,7 +34,7 @@ import zmq
 from walredod import protocol
 from walredod.daemon import auth, backend
 from walredod.daemon.admission import release_free_memory, resident_bytes
-from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file
+from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file, restrict_socket
 from walredod.config import DaemonSettings, EngineSettings
 from walredod.engine import RedoEngine
 from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, WalredodError
@@ -43,6 +49,29 @@ _BURST = 64  # messages taken from one socket before looking at the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _IDLE_POLL_MS = 50  # while idle: how often memory (and the heartbeat) is looked at
+# How often the redo children of the local data path are looked at: a child that died is replaced, one past a local
+# request's deadline killed, within this many seconds.
+LOCAL_WATCH_INTERVAL = 0.05
+_LOCAL_BACKLOG = 1024  # connections waiting for a child (during a takeover, say)
+
+
+def bind_local_socket(path: str) -> socket.socket:
+    """The slot's listening socket of the local data path, non-blocking (the children share it: whichever is woken
+    first accepts). A file left by the slot's previous worker is replaced; the directory's permissions decide who
+    may connect, as for the ipc endpoints beside it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(_LOCAL_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
 
 
 def die_with_parent() -> None:
@@ -129,7 +158,8 @@ class RequestServer:
 class Worker:
     def __init__(self, slot: int, backend: str, engine_settings: EngineSettings, credit: int,
                  heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0,
-                 daemon_settings: DaemonSettings | None = None, secret: bytes | None = None):
+                 daemon_settings: DaemonSettings | None = None, secret: bytes | None = None,
+                 local: str | None = None):
         self.slot = slot
         self.daemon_settings = daemon_settings or DaemonSettings()
         self.credit = credit
@@ -137,7 +167,24 @@ class Worker:
         self._reported_child: int | None = None
         self._busy_until = 0.0  # deadline of the direct request in hand, as last told to the supervisor
         self._last_sent = 0.0
-        self.engine = RedoEngine(engine_settings, name=f"worker-{slot}")
+        self.local_path = None
+        self.local_listener = None
+        if local and engine_settings.kind == "vanilla":
+            try:
+                self.local_listener = bind_local_socket(local)
+                self.local_path = local
+                restrict_socket(local, self.daemon_settings)  # the socket group and mode, as for the ipc endpoints
+            except OSError as exc:  # a path too long for a socket, say: clients then use ZeroMQ
+                log.warning("worker %d: no local data path on %s: %s", slot, local, exc)
+        self._next_watch = 0.0
+        try:
+            self.engine = RedoEngine(
+                engine_settings, name=f"worker-{slot}",
+                local_listener=self.local_listener.fileno() if self.local_listener else None,
+                local_max_request_bytes=max_request_bytes or 64 << 20)
+        except BaseException:
+            self._close_local()
+            raise
         self.server = RequestServer(self.engine, f"worker {slot}", max_request_bytes, self._expect_busy)
         self.context = zmq.Context(1)
         self.socket = self.context.socket(zmq.DEALER)
@@ -171,14 +218,18 @@ class Worker:
             poller.register(self.direct, zmq.POLLIN)
         backend_events = self.socket.getsockopt
         self._direct_events = self.direct.getsockopt if self.direct is not None else None
+        watching = self.engine.serves_local_path
+        idle_poll_ms = min(self.heartbeat_interval, LOCAL_WATCH_INTERVAL, _IDLE_POLL_MS / 1000) * 1000
         while True:
             # Checking a socket's EVENTS is much cheaper than a poll; poll only when both are empty.
             direct_events = self._direct_events
             busy_direct = direct_events is not None and direct_events(zmq.EVENTS) & zmq.POLLIN
             busy_backend = backend_events(zmq.EVENTS) & zmq.POLLIN
+            if watching and time.monotonic() >= self._next_watch:
+                self._watch_local()
             if not (busy_direct or busy_backend):
                 self.engine.start_spare()  # idle: replace a spare used up by a takeover
-                if not poller.poll(_IDLE_POLL_MS):
+                if not poller.poll(idle_poll_ms):
                     self._check_memory()
                     if time.monotonic() - self._last_sent >= self.heartbeat_interval:
                         self._heartbeat(busy_until=0.0)  # idle a whole interval: silence from now on is a hang
@@ -218,8 +269,21 @@ class Worker:
             self._busy_until = busy_until
         restarts = sum(self.engine.stats.restarts.values())
         self._reported_child = self.engine.child_pid
-        self._send(backend.encode_heartbeat(self.server.requests, self.engine.child_pid or 0, restarts,
-                                            self._busy_until))
+        served, local = self.server.requests, None
+        if self.engine.serves_local_path:  # what its children answered on the local data path counts too
+            counters = self.engine.local_counters()
+            served += counters.requests_ok + counters.requests_refused + counters.requests_internal
+            local = backend.encode_local_stats(counters)
+        self._send(backend.encode_heartbeat(served, self.engine.child_pid or 0, restarts, self._busy_until, local))
+
+    def _watch_local(self) -> None:
+        """The redo children serve local clients on their own: replace one that died, kill one past a local
+        request's deadline (RedoEngine.watch_children)."""
+        self.engine.watch_children()
+        self.engine.start_spare()
+        self._next_watch = time.monotonic() + LOCAL_WATCH_INTERVAL
+        if self.engine.child_pid != self._reported_child:
+            self._heartbeat()
 
     def _serve_backend(self) -> bool:
         """Requests and commands from the supervisor; True when told to stop."""
@@ -270,8 +334,18 @@ class Worker:
         if deadline > self._busy_until + self.heartbeat_interval:
             self._heartbeat(busy_until=deadline)
 
+    def _close_local(self) -> None:
+        if self.local_listener is not None:
+            self.local_listener.close()
+            self.local_listener = None
+            try:
+                os.unlink(self.local_path)  # the slot's next worker binds anew
+            except OSError:
+                pass
+
     def close(self) -> None:
         self.engine.close()
+        self._close_local()
         if self.direct is not None:
             self.direct.close(linger=1000)
             remove_ipc_file(self.direct_path)  # ZeroMQ leaves it; the slot's next worker binds anew
@@ -288,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", type=int, default=-1, help="CPU for this worker and its redo children (-1: any)")
     parser.add_argument("--direct", default=None, help="endpoint of the direct data path (none: supervisor only)")
     parser.add_argument("--max-request-bytes", type=int, default=0, help="largest direct request accepted")
+    parser.add_argument("--local", default=None, help="socket path of the local data path (none: no local path)")
     parser.add_argument("--engine-settings", required=True, help="EngineSettings as JSON")
     parser.add_argument("--daemon-settings", default="{}", help="DaemonSettings as JSON (socket access)")
     parser.add_argument("--secret-fd", type=int, default=-1,
@@ -306,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon_settings = DaemonSettings.model_validate(json.loads(args.daemon_settings))
     try:
         worker = Worker(args.slot, args.backend, settings, args.credit, args.heartbeat_interval, args.direct,
-                        args.max_request_bytes, daemon_settings, secret)
+                        args.max_request_bytes, daemon_settings, secret, args.local)
     except WalredodError as error:
         log.error("worker %d cannot start: %s", args.slot, error)
         return 3

@@ -8,13 +8,15 @@ import os
 import re
 import select
 import signal
+import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from walredod.engine.board import Board
 from walredod.engine.pipe import PING, WARMUP
-from walredod.errors import RedoFailed, RedoTimeout, Unavailable, WalredodError, error_for_sqlstate
+from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError, error_for_sqlstate
 from walredod.types import BLCKSZ
 
 log = logging.getLogger("walredod.child")
@@ -34,6 +36,19 @@ class ChildDied(Exception):
         self.error = error
 
 
+class ChildRefused(Exception):
+    """The child refused a request before redo touched anything, and goes on serving; ``error`` is the caller's."""
+
+    def __init__(self, error: WalredodError):
+        super().__init__(str(error))
+        self.error = error
+
+
+# Status bytes of replies when the child answers refusals (walredod.pipe_error_replies; docs/redo-child-protocol.md).
+_REPLY_OK, _REPLY_INVALID = 0, 1
+_read_length = struct.Struct(">I").unpack_from
+
+
 class ChildGone(Exception):
     """The child was already dead when a request was written to it: the request was not seen, it may be retried.
 
@@ -45,8 +60,11 @@ class ChildGone(Exception):
 class RedoChild:
     """A running redo child with pipes to its stdin/stdout; its stderr goes to logging."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | None, popen_kwargs: dict, name: str):
+    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | None, popen_kwargs: dict, name: str,
+                 board: Board | None = None, pass_fds: tuple[int, ...] = (), error_replies: bool = False):
         self.name = name
+        self.error_replies = error_replies  # replies start with a status byte; refusals are answered
+        self.board = board  # the local data path's shared state, when the child serves it
         self.started_at = time.monotonic()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
         self._stderr_done = threading.Event()
@@ -57,7 +75,7 @@ class RedoChild:
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd=cwd, close_fds=True, **popen_kwargs,
+                env=env, cwd=cwd, close_fds=True, pass_fds=pass_fds, **popen_kwargs,
             )
         except OSError as exc:
             raise Unavailable(f"could not start the redo child {argv[0]}: {exc}") from exc
@@ -139,23 +157,44 @@ class RedoChild:
                 raise ChildDied(self.death_error()) from None
 
     def read_page(self, timeout: float, deadline: float | None = None) -> bytes:
-        """The child's next 8 kB reply, by ``deadline`` (default: ``timeout`` seconds from now)."""
+        """The child's next 8 kB reply, by ``deadline`` (default: ``timeout`` seconds from now). Raises
+        ChildRefused for a request the child refused and ChildDied when it ended or overran the deadline."""
         deadline = deadline if deadline is not None else time.monotonic() + timeout
+        if not self.error_replies:
+            return self._read_exactly(BLCKSZ, timeout, deadline)
+        reply = self._read_exactly(1 + BLCKSZ, timeout, deadline, at_least=5)
+        if reply[0] == _REPLY_OK:
+            return reply[1:]
+        length = _read_length(reply, 1)[0]
+        message = reply[5:] + (self._read_exactly(5 + length - len(reply), timeout, deadline)
+                               if len(reply) < 5 + length else b"")
+        text = message.decode("utf-8", "replace")
+        raise ChildRefused(InvalidRequest(text) if reply[0] == _REPLY_INVALID else RedoFailed(text))
+
+    def _read_exactly(self, size: int, timeout: float, deadline: float, at_least: int | None = None) -> bytes:
+        """``size`` bytes of the child's stdout; with ``at_least``, as soon as that many have come and nothing
+        more is waiting (a refusal is shorter than a page)."""
         chunks: list[bytes] = []
         got = 0
-        while got < BLCKSZ:
+        while got < size:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._poll.poll(remaining * 1000):
                 self.kill()
                 raise ChildDied(RedoTimeout(f"redo child {self.pid} gave no answer within {timeout:g} s"))
-            chunk = os.read(self._stdout, BLCKSZ - got)
+            chunk = os.read(self._stdout, size - got)
             if not chunk:
                 raise ChildDied(self.death_error())
             chunks.append(chunk)
             got += len(chunk)
+            if at_least is not None and got >= at_least and chunks[0][0] != _REPLY_OK:
+                break  # a refusal: its length says how much follows
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # --- life and death -----------------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        """Not exited (reaps it when it has: the engine's look at children serving the local data path)."""
+        return self.process.poll() is None
 
     def kill(self) -> None:
         if self.process.poll() is None:

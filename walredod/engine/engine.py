@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from walredod.config import EngineSettings
-from walredod.engine.child import ChildDied, ChildGone, RedoChild
+from walredod.engine.board import Board, LocalCounters
+from walredod.engine.child import ChildDied, ChildGone, ChildRefused, RedoChild
 from walredod.engine.datadir import DataDirectory, RunAs, find_extension
 from walredod.engine.pipe import PING, encode_request
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # with their SQLSTATE so the engine can tell a bad request from a redo failure.
 _CHILD_GUCS = (
     "walredod.serve=on",
+    "walredod.pipe_error_replies=on",  # a request refused before redo is answered, the child stays
     "fsync=off",
     "autovacuum=off",
     "jit=off",
@@ -71,9 +73,11 @@ class RedoEngine:
     """
 
     def __init__(self, settings: EngineSettings | None = None, *, name: str = "redo",
+                 local_listener: int | None = None, local_max_request_bytes: int = 64 << 20,
                  child_gucs: Sequence[str] = (), **overrides):
         """``child_gucs``: more ``name=value`` settings for the children (the sandbox probes of tests and
-        `walredod doctor`)."""
+        `walredod doctor`). ``local_listener``: the listening socket of the local data path, inherited by every
+        child (docs/local-data-path.md)."""
         if settings is None:
             settings = EngineSettings(**overrides)
         elif overrides:
@@ -92,6 +96,11 @@ class RedoEngine:
         self._spare_wanted = False
         self._dead: list[RedoChild] = []  # killed children not yet reaped
         self._closed = False
+        # The local data path (docs/local-data-path.md): every child of ours inherits this listening socket and
+        # serves clients on it directly; the engine only watches (watch_children) and counts (local_counters).
+        self._local_listener = local_listener if settings.kind == "vanilla" else None
+        self._local_max_request_bytes = local_max_request_bytes
+        self._local_retired = LocalCounters()  # what buried children served
         if settings.kind == "vanilla":
             self._data = DataDirectory(settings, self._run_as)
             self._extension = self._data.install_extension(find_extension(settings))
@@ -182,6 +191,8 @@ class RedoEngine:
         for child in (self._active, self._spare):
             if child is not None:
                 child.close()
+                if child.board is not None:
+                    child.board.close()
         self._active = self._spare = None
         self._bury_dead()
         for datadir in self._all_datadirs:
@@ -217,6 +228,9 @@ class RedoEngine:
             child = self._active or self._take_over()
             try:
                 return child.request(message, deadline, timeout)
+            except ChildRefused as refusal:  # checked before redo: the child serves on
+                self.stats.errors += 1
+                raise refusal.error from None
             except ChildGone:
                 # Died while idle: it never saw this request, so the next child may serve it.
                 self._child_died(child, "died idle")
@@ -246,7 +260,53 @@ class RedoEngine:
         for child in self._dead:
             child.close()
             self._release_datadir(child)
+            if child.board is not None:
+                words = child.board.words()
+                if words is not None:
+                    self._local_retired.add(words, live=False)
+                child.board.close()
         self._dead.clear()
+
+    # --- the local data path ------------------------------------------------------------------------------------
+
+    @property
+    def serves_local_path(self) -> bool:
+        return self._local_listener is not None
+
+    def watch_children(self) -> None:
+        """Children serve local clients the engine never sees, so the engine looks at them now and then (the
+        daemon's worker: every few tens of milliseconds): a child that died is replaced by the spare at once,
+        and a child still inside a local request past that request's deadline is killed (its clients see
+        their connection end)."""
+        now = time.monotonic_ns()
+        for child in (self._active, self._spare):
+            if child is None:
+                continue
+            if not child.alive():
+                self._child_died(child, "died on the local path")
+            elif child.board is not None:
+                deadline = child.board.busy_deadline_ns()
+                if deadline and now > deadline:
+                    self._local_retired.deadline_kills += 1
+                    self._child_died(child, "local timeout")
+        if self._active is None and not self._closed:
+            try:
+                self._take_over()
+            except Unavailable as exc:
+                log.error("%s: no redo child to take over: %s", self.name, exc)
+        if self._spare is None and not self._closed:
+            self._spare_wanted = self.settings.keep_spare  # start_spare replaces a spare that died too
+
+    def local_counters(self) -> LocalCounters:
+        """What this engine's children served on the local data path, since the engine started."""
+        total = LocalCounters(**{**self._local_retired.__dict__,
+                                 "latency_buckets": list(self._local_retired.latency_buckets)})
+        for child in (self._active, self._spare, *self._dead):
+            if child is not None and child.board is not None:
+                words = child.board.words()
+                if words is not None:
+                    total.add(words, live=child is self._active or child is self._spare)
+        return total
 
     def start_spare(self) -> None:
         """Start the spare child if it is missing. A takeover leaves this to the next request or to the caller's
@@ -280,6 +340,7 @@ class RedoEngine:
         raise Unavailable(f"the redo child could not start: {error}")
 
     def _start_child(self) -> RedoChild:
+        board, pass_fds = None, ()
         if self.settings.kind == "neon":
             argv = [str(self.settings.neon_postgres_bin), "--wal-redo"]
             env = {"LD_LIBRARY_PATH": self.settings.neon_ld_library_path}
@@ -297,15 +358,27 @@ class RedoEngine:
                     "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}"]
             for guc in (*_CHILD_GUCS, *self._child_gucs):
                 argv += ["-c", guc]
+            if self._local_listener is not None:
+                board = Board()
+                pass_fds = (self._local_listener, board.fd)
+                argv += ["-c", f"walredod.local_listen_fd={self._local_listener}",
+                         "-c", f"walredod.local_board_fd={board.fd}",
+                         "-c", f"walredod.local_default_timeout_ms={max(1, int(self.settings.request_timeout * 1000))}",
+                         "-c", f"walredod.local_max_request_bytes={self._local_max_request_bytes}"]
             argv.append("postgres")
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
             cwd = datadir
         try:
-            child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name)
+            child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name,
+                              board=board, pass_fds=pass_fds, error_replies=self.settings.kind == "vanilla")
         except Unavailable:
             if datadir is not None:
                 self._remove_datadir(datadir)
+            if board is not None:
+                board.close()
             raise
+        if board is not None:
+            board.handed_over()
         if datadir is not None:
             self._datadir_of[child.pid] = datadir
         self.stats.children_started += 1

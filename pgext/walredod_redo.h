@@ -1,0 +1,50 @@
+/*-------------------------------------------------------------------------
+ *
+ * walredod_redo.h
+ *		What the parts of walredod's redo child share: a whole redo request,
+ *		checked before redo touches anything and then run, and the entry
+ *		points of the local data path (local_server.c).
+ *
+ * Copyright (c) 2026, the walredod developers.
+ *-------------------------------------------------------------------------
+ */
+#ifndef WALREDOD_REDO_H
+#define WALREDOD_REDO_H
+
+#include "access/xlogdefs.h"
+#include "common/relpath.h"
+#include "storage/block.h"
+#include "storage/relfilenode.h"
+
+/* One record of a request, in place in the buffer the request arrived in. */
+typedef struct RedoRequestRecord
+{
+	XLogRecPtr	end_lsn;		/* the position just past the record */
+	const char *data;			/* the whole raw XLogRecord, maybe unaligned */
+	uint32		len;
+} RedoRequestRecord;
+
+/* A whole redo request: the page 'rnode/fork/blkno' as of 'lsn'. */
+typedef struct RedoRequest
+{
+	RelFileNode rnode;
+	ForkNumber	fork;
+	BlockNumber blkno;
+	XLogRecPtr	lsn;
+	const char *image;			/* BLCKSZ bytes; NULL: the page starts new */
+	int			nrecords;
+	const RedoRequestRecord *records;
+} RedoRequest;
+
+/* walredod_redo.c */
+extern bool is_invalid_request_sqlstate(int sqlerrcode);
+extern void check_redo_request(const RedoRequest *req);
+extern void run_redo_request(const RedoRequest *req, char *page);
+
+/* local_server.c */
+extern void local_server_define_gucs(void);
+extern void local_server_start(void);
+extern int	local_server_listen_fd(void);
+extern void local_server_serve_until_stdin(void);
+
+#endif							/* WALREDOD_REDO_H */

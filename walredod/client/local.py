@@ -1,0 +1,282 @@
+"""The local data path, client side: requests straight to a worker slot's redo child over a Unix-domain stream
+socket, with no process in between (docs/local-data-path.md owns the format; this module is its Python side).
+
+Encoding and decoding of its messages, and two connections speaking it: ``LocalConnection`` (blocking) and
+``AsyncLocalConnection`` (callbacks of an asyncio loop). Both only move messages; which requests go here,
+re-sending what a lost connection held and falling back to ZeroMQ belong to the clients (walredod.client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import select
+import socket
+import struct
+import time
+from collections.abc import Sequence
+
+from walredod.types import BufferTag, WalRecord
+
+MAGIC = b"WL"
+VERSION = 1
+KIND_REDO = 1
+KIND_PING = 2
+FLAG_BASE_IMAGE = 0x01
+MAX_RECORDS = 100_000
+
+# magic, version, kind, body length, request id, timeout ms, reserved
+REQUEST_HEADER = struct.Struct(">2sBBIQII")
+# magic, version, status, body length, request id
+REPLY_HEADER = struct.Struct(">2sBBIQ")
+# fork, spcnode, dbnode, relnode, block, LSN, flags, record count
+_REDO_FIXED = struct.Struct(">BIIIIQBI")
+_RECORD_PREFIX = struct.Struct(">QI")  # end LSN, length
+_REPLY_HEADER_LEN = REPLY_HEADER.size
+_SYNTHESIZED_MAGIC = b"WRSY"  # walredod.native.synthesized: records the worker applies in Python
+
+_pack_header = REQUEST_HEADER.pack
+_pack_fixed = _REDO_FIXED.pack
+_pack_record = _RECORD_PREFIX.pack
+_unpack_reply = REPLY_HEADER.unpack_from
+
+
+class ConnectionLost(Exception):
+    """The connection ended or failed: every request sent on it and not yet answered is unanswered."""
+
+
+def serves(tag, records: Sequence[WalRecord]) -> bool:
+    """Whether the redo child itself can answer this request: relation pages from raw records. Objects (pg_xact,
+    MultiXacts, relation maps, two-phase state) and histories with synthesized records are the worker's."""
+    if type(tag) is not BufferTag:
+        return False
+    for record in records:
+        if record[1][:4] == _SYNTHESIZED_MAGIC:
+            return False
+    return True
+
+
+def encode_redo(request_id: int, tag: BufferTag, lsn: int, base_image: bytes | None,
+                records: Sequence[WalRecord], timeout_ms: int = 0) -> bytes:
+    """One redo request as bytes: header, fixed part, base image, then each record's end LSN, length and bytes."""
+    parts = [b"", _pack_fixed(tag.forknum, tag.spcnode, tag.dbnode, tag.relnode, tag.blkno, lsn,
+                              FLAG_BASE_IMAGE if base_image is not None else 0, len(records))]
+    size = _REDO_FIXED.size
+    if base_image is not None:
+        parts.append(base_image)
+        size += len(base_image)
+    append = parts.append
+    for record_lsn, data in records:
+        append(_pack_record(record_lsn, len(data)))
+        append(data)
+        size += 12 + len(data)
+    parts[0] = _pack_header(MAGIC, VERSION, KIND_REDO, size, request_id, timeout_ms, 0)
+    return b"".join(parts)
+
+
+def encode_ping(request_id: int) -> bytes:
+    return _pack_header(MAGIC, VERSION, KIND_PING, 0, request_id, 0, 0)
+
+
+def decode_replies(buffer: bytearray) -> tuple[list[tuple[int, int, bytes]], int]:
+    """The whole replies at the start of ``buffer``: ([(request id, status, body)], bytes they took).
+    Raises ConnectionLost for bytes that are not a reply (the stream cannot be trusted any more)."""
+    replies = []
+    position, end = 0, len(buffer)
+    while end - position >= _REPLY_HEADER_LEN:
+        magic, version, status, body_len, request_id = _unpack_reply(buffer, position)
+        if magic != MAGIC or version != VERSION:
+            raise ConnectionLost(f"not a local-path reply: {bytes(buffer[position:position + 4])!r}")
+        stop = position + _REPLY_HEADER_LEN + body_len
+        if stop > end:
+            break
+        replies.append((request_id, status, bytes(buffer[position + _REPLY_HEADER_LEN:stop])))
+        position = stop
+    return replies, position
+
+
+class LocalConnection:
+    """A blocking connection to a slot's local socket. Requests may be pipelined; replies come in request order.
+
+    Not thread-safe. ``read_replies`` waits at most until its deadline; the redo child's own deadline is enforced
+    by its worker, which kills a child past it (the connection then ends: ConnectionLost).
+    """
+
+    # The kernel wakes a blocked read this often, so a deadline is checked without a poll() per read.
+    _WAKE_INTERVAL = 0.25
+
+    def __init__(self, path: str, connect_timeout: float = 1.0):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(connect_timeout)
+            self._sock.connect(path)
+            self._sock.settimeout(None)
+            timeval = struct.pack("@ll", 0, int(self._WAKE_INTERVAL * 1e6))
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        except OSError as exc:
+            self._sock.close()
+            raise ConnectionLost(f"cannot connect to {path}: {exc}") from None
+        self._buffer = bytearray()
+        self._chunk = bytearray(262144)
+        self._view = memoryview(self._chunk)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise ConnectionLost(f"{self.path}: {exc}") from None
+
+    def read_replies(self, deadline: float) -> list[tuple[int, int, bytes]]:
+        """At least one reply (all that have arrived), or [] once ``deadline`` (time.monotonic()) has passed."""
+        while True:
+            replies, used = decode_replies(self._buffer)
+            if replies:
+                del self._buffer[:used]
+                return replies
+            if time.monotonic() >= deadline:
+                return []
+            try:
+                got = self._sock.recv_into(self._chunk)
+            except (BlockingIOError, TimeoutError):
+                continue  # the wake interval passed: check the deadline
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    continue
+                raise ConnectionLost(f"{self.path}: {exc}") from None
+            if got == 0:
+                raise ConnectionLost(f"{self.path}: the redo child closed the connection")
+            self._buffer += self._view[:got]
+
+    def receive_now(self) -> list[tuple[int, int, bytes]]:
+        """The replies that have arrived, without waiting (possibly none)."""
+        while True:
+            try:
+                got = self._sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                raise ConnectionLost(f"{self.path}: {exc}") from None
+            if got == 0:
+                raise ConnectionLost(f"{self.path}: the redo child closed the connection")
+            self._buffer += self._view[:got]
+            if got < len(self._chunk):
+                break
+        replies, used = decode_replies(self._buffer)
+        if used:
+            del self._buffer[:used]
+        return replies
+
+    def poll(self, timeout: float) -> bool:
+        """Whether a reply (or the end of the connection) may be read now or within ``timeout`` seconds."""
+        if len(self._buffer) >= _REPLY_HEADER_LEN:
+            return True
+        return bool(select.select([self._sock], [], [], max(0.0, timeout))[0])
+
+    def request(self, data: bytes, timeout: float) -> tuple[int, int, bytes]:
+        """Send one request and wait for its reply: (request id, status, body). Raises ConnectionLost, or
+        TimeoutError when nothing came by the deadline (the connection is then closed: its late reply is lost)."""
+        self.send(data)
+        replies = self.read_replies(time.monotonic() + timeout)
+        if not replies:
+            self.close()
+            raise TimeoutError(f"no reply from {self.path} within {timeout:g} s")
+        return replies[0]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class AsyncLocalConnection:
+    """A connection to a slot's local socket for an asyncio event loop, without coroutines: ``send`` writes at once
+    (what the socket cannot take waits in a buffer, written as it drains), and the loop calls ``on_replies(list of
+    (request id, status, body))`` as replies arrive and ``on_lost(reason)`` once if the connection ends. Connecting
+    is immediate on a Unix socket (the listening socket's backlog holds the connection until a child accepts it).
+    """
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop, on_replies, on_lost):
+        self.path = path
+        self._loop = loop
+        self._on_replies = on_replies
+        self._on_lost = on_lost
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(1.0)
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise ConnectionLost(f"cannot connect to {path}: {exc}") from None
+        self._sock.setblocking(False)
+        self._fd = self._sock.fileno()
+        self._buffer = bytearray()
+        self._unsent = bytearray()
+        self._closed = False
+        loop.add_reader(self._fd, self._readable)
+
+    def send(self, data: bytes) -> None:
+        if self._closed:
+            raise ConnectionLost(f"{self.path}: the connection is closed")
+        if self._unsent:
+            self._unsent += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lose(f"{self.path}: {exc}")
+            return
+        if sent < len(data):
+            self._unsent += memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self._sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(f"{self.path}: {exc}")
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            self._loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(f"{self.path}: {exc}")
+            return
+        if not data:
+            self._lose(f"{self.path}: the redo child closed the connection")
+            return
+        self._buffer += data
+        try:
+            replies, used = decode_replies(self._buffer)
+        except ConnectionLost as exc:
+            self._lose(str(exc))
+            return
+        if replies:
+            del self._buffer[:used]
+            self._on_replies(replies)
+
+    def _lose(self, reason: str) -> None:
+        if not self._closed:
+            self.close()
+            self._on_lost(reason)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._fd)
+            if self._unsent:
+                self._loop.remove_writer(self._fd)
+            self._sock.close()

@@ -25,6 +25,12 @@ if ! have_pg15_dev; then
         postgresql-15 postgresql-server-dev-15 libseccomp-dev make gcc >/dev/null
 fi
 
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "== installing systemd's tools (the tests check the unit offline with systemd-analyze; nothing is started)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
 if [ "$(id -u)" -eq 0 ] && ! id "$RUN_AS_USER" >/dev/null 2>&1; then
     echo "== creating the system user $RUN_AS_USER (the daemon under its systemd unit)"
     useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$RUN_AS_USER"

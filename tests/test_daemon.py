@@ -48,7 +48,7 @@ heartbeat_interval = 0.2
 max_pending = 2000
 max_request_bytes = 16777216
 metrics_address = "127.0.0.1:{metrics_port}"
-[engine]
+{daemon_extra}[engine]
 data_dir = "{data_dir}"
 source_logs_hint_bits = true
 request_timeout = 20
@@ -69,10 +69,22 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.05, message
 
 class Daemon:
     def __init__(self, root: Path, workers: int = 2, metrics_port: int | None = None, extra_config: str = "",
-                 wait: bool = True, env: dict | None = None, tcp: bool = False):
+                 wait: bool = True, env: dict | None = None, tcp: bool = False, tcp_curve: bool = True):
         self.root = root
         self.endpoint = f"ipc://{root}/walredod.sock"
         self.tcp_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}" if tcp else None
+        self.curve = self.daemon_extra = None
+        if tcp and not tcp_curve:
+            self.daemon_extra = "allow_plain_tcp = true\n"
+        elif tcp:  # tcp is served with CURVE: the daemon's key pair, and one allowed client's
+            from walredod.client import CurveKeys
+            from walredod.daemon.auth import keygen
+
+            server_public, server_secret = keygen(root / "keys", "walredod")
+            _, client_secret = keygen(root / "keys" / "clients", "test-client")
+            self.curve = CurveKeys.load(server_public, client_secret)
+            self.daemon_extra = (f'curve_secret_key_file = "{server_secret}"\n'
+                                 f'curve_client_keys = "{root / "keys" / "clients"}"\n')
         self.config = root / "walredod.toml"
         self.metrics_port = metrics_port or free_tcp_port()
         self.extra_config = extra_config
@@ -99,7 +111,8 @@ class Daemon:
 
     def write_config(self, workers: int) -> None:
         self.config.write_text(CONFIG.format(workers=workers, metrics_port=self.metrics_port,
-                                             data_dir=self.root / "data") + self.extra_config)
+                                             data_dir=self.root / "data", daemon_extra=self.daemon_extra or "")
+                               + self.extra_config)
 
     def workers(self) -> list[dict]:
         return self.client.status()["workers"]
@@ -342,16 +355,19 @@ def test_redo_child_stopped_past_the_timeout(own_daemon, real_requests):
 
 # --- bad input ----------------------------------------------------------------------------------------------------
 
-def raw_socket(endpoint: str):
+def raw_socket(endpoint: str, curve=None):
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, 10_000)
+    if curve is not None:
+        socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = (
+            curve.server_public, curve.public, curve.secret)
     socket.connect(endpoint)
     return socket
 
 
 def directory(daemon, endpoint: str | None = None) -> dict:
-    with raw_socket(endpoint or daemon.endpoint) as socket:
+    with raw_socket(endpoint or daemon.endpoint, daemon.curve if endpoint == daemon.tcp_endpoint else None) as socket:
         socket.send_multipart(protocol.encode_control(5, protocol.KIND_DIRECTORY))
         request_id, status, body = protocol.decode_reply(socket.recv_multipart())
     assert (request_id, status) == (5, protocol.STATUS_OK)
@@ -423,7 +439,7 @@ def test_a_tcp_client_is_offered_no_direct_path(daemon, real_requests):
     assert listed["direct"] is False and listed["workers"] == []
     assert directory(daemon)["direct"] is True
     tag, lsn, base, records, expected = real_requests[0]
-    with RedoClient(daemon.tcp_endpoint) as client:
+    with RedoClient(daemon.tcp_endpoint, curve=daemon.curve) as client:
         assert client.redo(tag, lsn, base, records) == expected
         assert [w["state"] for w in client.status()["workers"]] == ["ready", "ready"]
 

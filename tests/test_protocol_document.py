@@ -165,7 +165,7 @@ def test_limits():
     assert number(rows["requests in one batch"]) == protocol.MAX_BATCH
     assert number(rows["relation page block numbers"]) == pg15.MAX_BLOCK_NUMBER
     settings = [row for row in rows.values() if row.startswith("`daemon.")]
-    assert len(settings) == 2
+    assert len(settings) == 4
     for cell in settings:
         name, value = re.fullmatch(r"`daemon\.(\w+)`, ([\d,]+) .*by default", cell).groups()
         assert DaemonSettings.model_fields[name].default == int(value.replace(",", "")), cell

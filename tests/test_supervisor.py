@@ -447,7 +447,7 @@ def test_reload_to_fewer_workers_retires_slots_after_their_requests():
 
 
 def test_max_pending_refuses_the_excess_as_unavailable():
-    h = Harness(workers=1, max_pending=3)
+    h = Harness(workers=1, max_pending=3, max_pending_per_client=3)
     for request_id in range(5):
         h.send(request_id)
     answers = h.answers()

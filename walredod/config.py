@@ -108,6 +108,26 @@ class DaemonSettings(Strict):
         5, ge=1, description="Worker starts in a row that may fail before its slot is reported down and parked.",
     )
     max_pending: int = Field(10_000, ge=1, description="Requests held at once; more are refused as unavailable.")
+    max_pending_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024,
+        description="Bytes of requests held at once (waiting or in flight); more are refused as unavailable.",
+    )
+    max_memory_bytes: int = Field(
+        1024 * 1024 * 1024, ge=64 * 1024 * 1024,
+        description="Resident memory of the supervisor past which it drops every client connection (freeing what "
+        "ZeroMQ buffered for them); counted in walredod_memory_resets.",
+    )
+    max_unread_replies: int = Field(
+        10_000, ge=1,
+        description="Replies one client connection may leave unread in the supervisor; past that its replies are "
+        "dropped (counted in walredod_dropped_replies) rather than held without bound. Keep it above "
+        "max_pending_per_client, so a client that reads late but within its share loses nothing.",
+    )
+    max_pending_per_client: int | None = Field(
+        None, ge=1,
+        description="Requests one client connection may have held at once; more are refused as unavailable. "
+        "Default: half of max_pending, so one client never shuts the others out.",
+    )
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=16 * 1024, description="Largest request accepted (all frames).",
     )
@@ -131,6 +151,27 @@ class DaemonSettings(Strict):
     )
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus metrics endpoint; none when unset.",
+    )
+    # Who may connect (walredod/daemon/endpoints.py).
+    socket_group: str | None = Field(
+        None,
+        description="Group of every ipc:// socket file (frontend and workers' direct endpoints): its members may "
+        "connect. Default: the daemon's own group. The daemon's user must be in it.",
+    )
+    socket_mode: str = Field(
+        "0660", pattern=r"^0?[0-7]{3}$",
+        description="Permissions of every ipc:// socket file, octal; connecting needs write permission.",
+    )
+    curve_secret_key_file: Path | None = Field(
+        None,
+        description="The daemon's CURVE key pair for tcp:// endpoints (the .key_secret file of `walredod keygen`).",
+    )
+    curve_client_keys: Path | None = Field(
+        None, description="Directory of the public keys (*.key) of the clients allowed on tcp:// endpoints.",
+    )
+    allow_plain_tcp: bool = Field(
+        False,
+        description="Serve tcp:// endpoints without CURVE: anyone who reaches the port gets pages. Warned at start.",
     )
 
 

@@ -28,9 +28,10 @@ from walredod.client.core import BATCH_SIZE, PIPELINE_WINDOW, Call, ClientCore, 
 from walredod.client.directory import DIRECT_CHECK_INTERVAL
 from walredod.client import local
 from walredod.client.core import TRANSPORT_MARGIN, check_request
-from walredod.client.links import AsyncLinks, Links, connect_dealer, direct_path_reachable
+from walredod.client.links import AsyncLinks, CurveKeys, Links, connect_dealer, direct_path_reachable
 from walredod.client.local_link import LocalLink
 from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
+from walredod.client import access
 from walredod.types import BufferTag, WalRecord
 
 DEFAULT_TIMEOUT = 60.0
@@ -44,6 +45,12 @@ def _first_error(results: list) -> None:
     for result in results:
         if isinstance(result, WalredodError):
             raise result
+
+
+def _why_not(endpoint: str) -> str:
+    """For a timeout's message: what the socket file says, when it says something."""
+    problem = access.ipc_problem(endpoint)
+    return f": {problem}" if problem else ""
 
 
 def _directory_timeout(core: ClientCore, timeout: float) -> float:
@@ -79,15 +86,19 @@ class RedoClient:
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None,
-                 direct: bool = True, window: int = PIPELINE_WINDOW, local: bool = True):
+                 direct: bool = True, window: int = PIPELINE_WINDOW, local: bool = True,
+                 curve: CurveKeys | None = None):
+        if problem := access.permission_denied(endpoint):  # else ZeroMQ would retry in silence until a timeout
+            raise Unavailable(problem)
         self.endpoint = endpoint
         self.timeout = timeout
+        self._curve = curve  # for a tcp:// endpoint with CURVE (CurveKeys.load)
         self._context = context or zmq.Context.instance()
         self._core = ClientCore(endpoint, direct and direct_path_reachable(endpoint), window)
-        self._links = Links(self._context, endpoint, local)
+        self._links = Links(self._context, endpoint, local, curve)
         self._local = local and self._core.directory is not None
         self._supervisor_core: ClientCore | None = None  # for what a lost local connection leaves to re-send
-        self._control_socket = connect_dealer(self._context, endpoint)  # replies to requests never mix with these
+        self._control_socket = connect_dealer(self._context, endpoint, curve)  # replies to requests never mix
 
     def redo(self, tag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord],
              timeout: float | None = None) -> bytes | None:
@@ -233,8 +244,8 @@ class RedoClient:
                     raise result
                 return time.monotonic() - started, result
         sock.close(linger=0)
-        self._control_socket = connect_dealer(self._context, self.endpoint)
-        raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s")
+        self._control_socket = connect_dealer(self._context, self.endpoint, self._curve)
+        raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s{_why_not(self.endpoint)}")
 
     def close(self) -> None:
         self._links.close()
@@ -258,13 +269,16 @@ class AsyncRedoClient:
     """
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, direct: bool = True,
-                 window: int = PIPELINE_WINDOW, local: bool = True):
+                 window: int = PIPELINE_WINDOW, local: bool = True, curve: CurveKeys | None = None):
+        if problem := access.permission_denied(endpoint):
+            raise Unavailable(problem)
         self.endpoint = endpoint
         self.timeout = timeout
+        self._curve = curve
         self._context = zmq.asyncio.Context.instance()
         self._core = ClientCore(endpoint, direct and direct_path_reachable(endpoint), window)
-        self._links = AsyncLinks(self._context, endpoint, self._on_reply, local)
-        self._control_socket = connect_dealer(self._context, endpoint)
+        self._links = AsyncLinks(self._context, endpoint, self._on_reply, local, curve)
+        self._control_socket = connect_dealer(self._context, endpoint, curve)
         self._control_lock = asyncio.Lock()
         self._flush_scheduled = False
         self._clock: asyncio.Task | None = None
@@ -356,8 +370,8 @@ class AsyncRedoClient:
                         raise result
                     return result
             sock.close(linger=0)
-            self._control_socket = connect_dealer(self._context, self.endpoint)
-            raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s")
+            self._control_socket = connect_dealer(self._context, self.endpoint, self._curve)
+            raise Unavailable(f"no answer from {self.endpoint} within {timeout:g} s{_why_not(self.endpoint)}")
 
     async def close(self) -> None:
         for task in (self._clock, self._directory_task):

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
@@ -41,11 +43,36 @@ _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per cal
 _POLLIN = int(zmq.POLLIN)
 
 
-def connect_dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a client needs for a daemon's CURVE tcp endpoint (docs/client-protocol.md, "Access"): the daemon's
+    public key, and this client's key pair (its public key must be in the daemon's ``daemon.curve_client_keys``)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, server_public_key_file: str | os.PathLike, secret_key_file: str | os.PathLike) -> CurveKeys:
+        """From ``walredod keygen`` files: the daemon's ``.key`` and this client's ``.key_secret``."""
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(str(server_public_key_file))
+        public, secret = zmq.auth.load_certificate(str(secret_key_file))
+        if not secret:
+            raise ValueError(f"{secret_key_file} holds no secret key (the .key_secret file of `walredod keygen`)")
+        return cls(server_public, public, secret)
+
+
+def connect_dealer(context: zmq.Context, endpoint: str, curve: CurveKeys | None = None) -> zmq.Socket:
     """A DEALER connected to ``endpoint``: every client connection, to the supervisor or a worker, is made here."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)  # replies are never dropped on our side
+    if curve is not None:
+        sock.curve_serverkey = curve.server_public
+        sock.curve_publickey = curve.public
+        sock.curve_secretkey = curve.secret
     sock.connect(endpoint)
     return sock
 
@@ -63,9 +90,9 @@ class ZmqLink:
     __slots__ = ("endpoint", "socket", "pollables", "registered")
     pollables_changed = False
 
-    def __init__(self, context: zmq.Context, endpoint: str):
+    def __init__(self, context: zmq.Context, endpoint: str, curve: CurveKeys | None = None):
         self.endpoint = endpoint
-        self.socket = connect_dealer(context, endpoint)
+        self.socket = connect_dealer(context, endpoint, curve)
         self.pollables = (self.socket,)
 
     def serves(self, worker: DirectWorker) -> bool:
@@ -100,15 +127,16 @@ def open_link(context: zmq.Context, worker: DirectWorker, local: bool = True):
 class Links:
     """A sync client's links: the supervisor's and the workers', and waiting on all of them at once."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, local: bool = True):
+    def __init__(self, context: zmq.Context, endpoint: str, local: bool = True, curve: CurveKeys | None = None):
         self._context = context
         self._endpoint = endpoint
         self._local = local  # the local data path, where the directory offers it
+        self._curve = curve
         self._workers: dict[str, ZmqLink] = {}  # by the worker's endpoint
         self._eventful: set = set()  # links with events to hand back before any wait
         self._poller = zmq.Poller()
         self._by_pollable: dict = {}
-        self.supervisor = self._add(ZmqLink(context, endpoint))
+        self.supervisor = self._add(ZmqLink(context, endpoint, curve))
 
     def _add(self, link):
         for pollable in link.pollables:
@@ -183,7 +211,7 @@ class Links:
         messages queued for a peer that is gone are dropped."""
         self.close()
         self._poller = zmq.Poller()
-        self.supervisor = self._add(ZmqLink(self._context, self._endpoint))
+        self.supervisor = self._add(ZmqLink(self._context, self._endpoint, self._curve))
 
     def close(self) -> None:
         self._eventful.clear()
@@ -197,9 +225,9 @@ class Links:
 class AsyncZmqLink:
     """A DEALER to one endpoint, for the asyncio client: sends never block the loop, a task reads the replies."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, curve: CurveKeys | None = None):
         self.endpoint = endpoint
-        self.socket = connect_dealer(context, endpoint)
+        self.socket = connect_dealer(context, endpoint, curve)
         self._reader = None
 
     def serves(self, worker: DirectWorker) -> bool:
@@ -243,12 +271,13 @@ def open_async_link(context: zmq.asyncio.Context, worker: DirectWorker, local: b
 class AsyncLinks:
     """An asyncio client's links; each reads its replies into ``on_reply``."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, on_reply, local: bool = True):
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, on_reply, local: bool = True,
+                 curve: CurveKeys | None = None):
         self._context = context
         self._on_reply = on_reply
         self._local = local
         self._workers: dict[str, AsyncZmqLink] = {}
-        self.supervisor = AsyncZmqLink(context, endpoint)
+        self.supervisor = AsyncZmqLink(context, endpoint, curve)
 
     def to(self, worker: DirectWorker | None):
         if worker is None:

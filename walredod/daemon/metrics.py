@@ -42,6 +42,20 @@ class Metrics:
                             ["slot"], registry=self.registry)
         self.restarts = Counter("walredod_worker_restarts", "Workers that ended and were replaced, by cause.",
                                 ["cause"], registry=self.registry)
+        self.refused_requests = Counter(
+            "walredod_refused_requests", "Requests refused as unavailable by a limit: max_pending, max_pending_bytes "
+            "or max_pending_per_client.", ["reason"], registry=self.registry)
+        self.memory_resets = Counter(
+            "walredod_memory_resets", "Times the supervisor dropped every client connection because its resident "
+            "memory passed daemon.max_memory_bytes.", registry=self.registry)
+        self.dropped_replies = Counter(
+            "walredod_dropped_replies", "Replies the supervisor could not hand to ZeroMQ, by reason: 'unread' (the "
+            "client has daemon.max_unread_replies replies it has not read) or 'departed' (its connection is gone).",
+            ["reason"], registry=self.registry)
+        self.refused_connections = Counter(
+            "walredod_refused_connections", "Connections refused at the handshake (ZAP), by ZAP domain: "
+            "walredod-workers (a process posing as a worker) or walredod-clients (a tcp client without an allowed key).",
+            ["domain"], registry=self.registry)
         self._local = LocalPathCollector()
         self.registry.register(self._local)
         self._server = None

@@ -28,6 +28,7 @@ from typing import Protocol
 from walredod import protocol
 from walredod.config import Settings
 from walredod.daemon import backend
+from walredod.daemon.admission import Budget, FairQueue
 from walredod.daemon.endpoints import local_socket_path
 from walredod.daemon.metrics import Metrics
 from walredod.daemon.routing import Router
@@ -38,6 +39,12 @@ log = logging.getLogger("walredod.daemon.supervisor")
 GRACE = 2.0  # seconds past a request's deadline before the supervisor answers for a silent worker
 MIN_BACKOFF = 0.1  # seconds before the first restart of a worker that never became ready; doubles per failure
 _CONTROL_KINDS = (protocol.KIND_PING, protocol.KIND_STATUS, protocol.KIND_DIRECTORY)
+
+
+def per_client_limit(daemon_settings) -> int:
+    """Requests one client connection may have held: daemon.max_pending_per_client, by default half of max_pending."""
+    limit = daemon_settings.max_pending_per_client or max(1, daemon_settings.max_pending // 2)
+    return min(limit, daemon_settings.max_pending)
 
 
 class Process(Protocol):
@@ -85,6 +92,11 @@ class Pending:
     attempts: int = 0
     slot: int | None = None
 
+    @property
+    def owner(self) -> tuple[str, bytes]:
+        """Whose it is, for fairness and budgets: the client's connection (endpoint and ZeroMQ identity)."""
+        return self.frontend.endpoint, self.client
+
 
 @dataclass
 class Slot:
@@ -96,6 +108,7 @@ class Slot:
     ready: bool = False
     credit: int = 0
     in_flight: dict[int, Pending] = field(default_factory=dict)
+    owed: set[int] = field(default_factory=set)  # tokens answered for the worker (timeout): its reply returns credit
     load: int = 0  # requests in flight here, a batch counting its size (kept, not summed: read per dispatch)
     last_seen: float = 0.0
     started_at: float = 0.0
@@ -141,7 +154,11 @@ class Pool:
         self.slots: dict[int, Slot] = {}
         self.by_identity: dict[bytes, Slot] = {}
         self.pending: dict[int, Pending] = {}
-        self.waiting: collections.deque[int] = collections.deque()  # tokens no worker could take yet
+        # Tokens no worker could take yet, taken round-robin over clients (a flood of one client waits its turns).
+        self.waiting = FairQueue(lambda token: self.pending[token].owner)
+        d = settings.daemon
+        self.budget = Budget(d.max_pending, d.max_pending_bytes, per_client_limit(d))
+        self.ignored_replies = 0  # replies to tokens a worker does not hold: duplicates, or a confused worker
         self.tokens = itertools.count(1)
         self.stopping = False
 
@@ -170,6 +187,9 @@ class Pool:
         """A reloaded configuration: tunables take effect for what comes next, the worker count at once."""
         self.settings = settings
         self.router.spill_factor = settings.daemon.spill_factor
+        d = settings.daemon
+        self.budget.max_requests, self.budget.max_bytes = d.max_pending, d.max_pending_bytes
+        self.budget.max_per_client = per_client_limit(d)
         self.resize()
 
     def _start(self, slot: Slot) -> None:
@@ -236,6 +256,7 @@ class Pool:
             else:
                 self.waiting.appendleft(token)
         slot.in_flight.clear()
+        slot.owed.clear()
         slot.load = 0
         self.metrics.set_in_flight(slot.index, 0)
         if not slot.retiring:  # a retiring slot is not restarted: housekeeping removes it
@@ -277,8 +298,14 @@ class Pool:
         """A worker's reply to ``token``; ``frames[3:]`` are the reply header and body (a batch's has more)."""
         now = self.clock()
         slot.last_seen = now
+        pending = slot.in_flight.pop(token, None)
+        if pending is None:
+            if token not in slot.owed:  # not a request this worker holds: no credit, nothing sent
+                self.ignored_replies += 1
+                log.warning("slot %d: reply to token %d, which the worker does not hold, ignored", slot.index, token)
+                return
+            slot.owed.discard(token)  # we answered it already (timeout); the worker's credit comes back
         slot.credit += 1
-        pending = slot.in_flight.pop(token, None)  # None: answered already (its deadline passed)
         if pending is not None:
             del self.pending[token]
             slot.load -= pending.requests
@@ -321,6 +348,7 @@ class Pool:
         self.pending[token] = Pending(frontend, client, request.request_id, frames[2:],
                                       protocol.routing_key(request.tag), now + timeout, now, records, size,
                                       len(request.batch) if request.batch else 1)
+        self.budget.take(self.pending[token].owner, size)
         self.waiting.append(token)
         self.dispatch()
 
@@ -334,18 +362,21 @@ class Pool:
 
     # --- admission ------------------------------------------------------------------------------------------------
     # Whether a redo request is taken, and what is given back when it is answered: the one place for limits on what
-    # the daemon holds (a byte budget, fairness between clients would go here, with ``released`` undoing them).
+    # the daemon holds (walredod.daemon.admission: requests and bytes in all and per client; ``released`` gives back).
 
     def admit(self, frontend: Frontend, client: bytes, size: int) -> None:
         """Raises the error to answer instead of taking a well-formed redo request or batch of ``size`` bytes from
         ``client`` (the last of the checks)."""
         if self.slots and all(slot.parked for slot in self.slots.values()):
             raise Unavailable("no worker can start (see the daemon's log and `walredod status`)")
-        if len(self.pending) >= self.settings.daemon.max_pending:
-            raise Unavailable(f"{len(self.pending)} requests are waiting; try again later")
+        if refusal := self.budget.refusal((frontend.endpoint, client), size):
+            setting, why = refusal
+            self.metrics.refused_requests.labels(reason=setting).inc()
+            raise Unavailable(f"{why} (daemon.{setting})")
 
     def released(self, pending: Pending) -> None:
         """``pending`` got its reply (or error) and no longer counts against the limits."""
+        self.budget.give_back(pending.owner, pending.size)
 
     # --- dispatch and answers -------------------------------------------------------------------------------------
 
@@ -384,6 +415,7 @@ class Pool:
             slot = self.slots[pending.slot]
             if slot.in_flight.pop(token, None) is not None:
                 slot.load -= pending.requests
+                slot.owed.add(token)  # its worker still holds it, and will answer
         self.metrics.observe(error.code, self.clock() - pending.accepted, pending.records)
         pending.frontend.send(pending.client, protocol.encode_error(pending.request_id, error))
         self.released(pending)

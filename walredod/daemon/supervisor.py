@@ -26,7 +26,9 @@ import zmq
 
 from walredod import protocol
 from walredod.config import ConfigError, Settings, load_settings
-from walredod.daemon.endpoints import direct_endpoint_base, remove_ipc_file
+from walredod.daemon import auth, backend, preflight
+from walredod.daemon.admission import release_free_memory, resident_bytes
+from walredod.daemon.endpoints import EndpointInUse, SupervisorEndpoints, direct_endpoint_base
 from walredod.daemon.metrics import Metrics
 from walredod.daemon.pool import Frontend, Pool, Slot
 
@@ -35,19 +37,28 @@ log = logging.getLogger("walredod.daemon.supervisor")
 _HOUSEKEEPING_INTERVAL = 0.05  # seconds between checks of workers, deadlines and heartbeats
 _BURST = 1000  # messages taken from one socket before the others are heard
 _SNDMORE = int(zmq.SNDMORE)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 
 
-def _sender(socket: zmq.Socket):
+def _sender(socket: zmq.Socket, dropped=None):
     """``send(identity, frames)`` on a ROUTER: the identity frame, then the message. A peer that left (ZeroMQ's
-    ROUTER_MANDATORY refuses its identity on the first frame) gets nothing: nobody is left to answer."""
+    ROUTER_MANDATORY refuses its identity on the first frame) gets nothing: nobody is left to answer. Neither does a
+    peer with SNDHWM messages it has not read (ROUTER_MANDATORY says EAGAIN; we never wait for a client):
+    ``dropped(reason)`` counts both."""
     send_identity = socket.send
 
     def send(identity: bytes, frames: list) -> None:
         try:
-            send_identity(identity, _SNDMORE)
+            send_identity(identity, _SNDMORE_NOBLOCK)
+        except zmq.Again:
+            if dropped is not None:
+                dropped("unread")
+            return
         except zmq.ZMQError as exc:
             log.debug("message to a departed peer dropped: %s", exc)
+            if dropped is not None:
+                dropped("departed")
             return
         protocol.send_frames(socket, frames)
 
@@ -60,14 +71,19 @@ class Supervisor:
         self.config_path = config_path
         self.overrides = overrides or {}
         self.context = zmq.Context(1)
+        self.metrics = Metrics()
         self.frontends: dict[zmq.Socket, Frontend] = {}
         for endpoint in settings.daemon.endpoints:
             socket = self.context.socket(zmq.ROUTER)
-            self.frontends[socket] = Frontend(endpoint, _sender(socket))
+            self.frontends[socket] = Frontend(endpoint, _sender(socket, self._reply_dropped))
         self.backend = self.context.socket(zmq.ROUTER)
-        self.metrics = Metrics()
+        # Every connection to the backend, and to a CURVE tcp endpoint, is checked before its first message.
+        client_keys = (auth.load_client_keys(settings.daemon.curve_client_keys)
+                       if settings.daemon.curve_client_keys else set())
+        self.gatekeeper = auth.Gatekeeper(client_keys, self.metrics)
+        self.zap = auth.ZapHandler(self.context, self.gatekeeper)
         run_dir = settings.engine.data_dir / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoints: SupervisorEndpoints | None = None
         self.backend_endpoint = f"ipc://{run_dir}/backend-{os.getpid()}.sock"
         self.pool = Pool(settings, start_process=self._start_process, send_worker=_sender(self.backend),
                          metrics=self.metrics, direct_base=direct_endpoint_base(settings.daemon))
@@ -77,6 +93,9 @@ class Supervisor:
         self._notifier = _systemd_notifier()
         self._last_watchdog = 0.0
         self._next_housekeeping = 0.0
+        self._last_memory_reset = -1e9
+        self._poller: zmq.Poller | None = None
+        self._handlers: dict = {}
 
     # --- start and stop -------------------------------------------------------------------------------------------
 
@@ -86,20 +105,45 @@ class Supervisor:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker or client takes its identity back
         for socket, frontend in self.frontends.items():
-            socket.setsockopt(zmq.RCVHWM, d.max_pending)
-            # Never drop a reply because a client reads slowly (ZeroMQ's default at the high-water mark): what waits
-            # is bounded by what that client sent. Replies to clients that left raise instead of vanishing silently.
-            socket.setsockopt(zmq.SNDHWM, 0)
-            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            socket.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
-            if frontend.local:
-                Path(frontend.endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
-            socket.bind(frontend.endpoint)
-        self.backend.bind(self.backend_endpoint)
-        if d.metrics_address:
-            self.metrics.serve(d.metrics_address)
+            self._configure_frontend(socket, frontend)
+            if frontend.endpoint.startswith("tcp://") and d.curve_secret_key_file is None:
+                log.warning("%s serves plain tcp (daemon.allow_plain_tcp): anyone who reaches the port gets "
+                            "pages and the status document", frontend.endpoint)
+        self.backend.setsockopt(zmq.SNDHWM, 0)  # requests to workers are bounded by their credit
+        auth.worker_server(self.backend)  # only the worker processes we started, with their secrets
+        # Refuses (touching nothing) when another daemon serves an endpoint; removes stale socket files.
+        self.endpoints = SupervisorEndpoints(d, self.backend_endpoint)
+        try:
+            for socket, frontend in self.frontends.items():
+                self.endpoints.bind_frontend(socket, frontend.endpoint)
+            self.endpoints.bind_backend(self.backend, self.backend_endpoint)
+            if d.metrics_address:
+                try:
+                    self.metrics.serve(d.metrics_address)
+                except OSError as error:
+                    raise EndpointInUse(f"daemon.metrics_address {d.metrics_address}: {error.strerror}") from None
+        except BaseException:
+            for socket in (*self.frontends, self.backend):
+                socket.close()
+            self.endpoints.release()
+            raise
+
+    def _configure_frontend(self, socket: zmq.Socket, frontend: Frontend) -> None:
+        d = self.settings.daemon
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        socket.setsockopt(zmq.RCVHWM, d.max_pending)
+        # Replies a client has not read: at most max_unread_replies per connection; past that a reply is dropped
+        # (counted), never waited for. Replies to clients that left raise instead of vanishing silently.
+        socket.setsockopt(zmq.SNDHWM, d.max_unread_replies)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # ZeroMQ caps each frame; a message of many frames is buffered whole before we see it (see _check_memory).
+        socket.setsockopt(zmq.MAXMSGSIZE, d.max_request_bytes + 4096)
+        if frontend.endpoint.startswith("tcp://") and d.curve_secret_key_file is not None:
+            auth.curve_server(socket, *auth.load_server_keys(d.curve_secret_key_file))
 
     def run(self) -> int:
+        preflight.check(self.settings, self.config_path)
         self.cpus = sorted(os.sched_getaffinity(0))
         if self.settings.daemon.cpu_placement == "pair" and len(self.cpus) > 1:
             # Our own CPU: the last one, where the fewest workers sit (worker i is on CPU i). A supervisor the
@@ -111,12 +155,13 @@ class Supervisor:
         self.pool.resize()
         log.info("walredod serving on %s with %d workers", ", ".join(self.settings.daemon.endpoints),
                  len(self.pool.slots))
-        poller = zmq.Poller()
-        for socket in (self.backend, *self.frontends):
+        self._poller = poller = zmq.Poller()
+        for socket in (self.backend, self.zap.socket, *self.frontends):
             poller.register(socket, zmq.POLLIN)
         pool = self.pool
-        handlers = {self.backend: pool.on_worker_message,
-                    **{socket: self._client_handler(frontend) for socket, frontend in self.frontends.items()}}
+        self._handlers = handlers = {
+            self.backend: self._on_worker_message, self.zap.socket: self._on_zap_request,
+            **{socket: self._client_handler(frontend) for socket, frontend in self.frontends.items()}}
         announced = False
         try:
             while True:
@@ -134,6 +179,22 @@ class Supervisor:
         finally:
             self._shutdown()
         return 0
+
+    def _on_zap_request(self, frames: list) -> None:
+        self.zap.socket.send_multipart(self.gatekeeper.decide([f.bytes for f in frames]))
+
+    def _on_worker_message(self, frames: list) -> None:
+        """A READY must come from the connection the Gatekeeper admitted as that slot's worker."""
+        if frames[1].bytes == backend.READY:
+            ready = backend.decode_ready(frames[2].buffer)
+            user = frames[1].get("User-Id")
+            if user != auth.worker_username(ready.slot).decode():
+                log.warning("READY for slot %d from a connection admitted as %r: ignored", ready.slot, user)
+                return
+        self.pool.on_worker_message(frames)
+
+    def _reply_dropped(self, reason: str) -> None:
+        self.metrics.dropped_replies.labels(reason=reason).inc()
 
     def _client_handler(self, frontend: Frontend):
         on_client_message = self.pool.on_client_message
@@ -168,13 +229,16 @@ class Supervisor:
         """Re-read the configuration; the worker count and tunables change without dropping requests."""
         try:
             settings = load_settings(self.config_path, self.overrides)
+            preflight.check(settings, self.config_path)
         except ConfigError as error:
             log.error("reload refused, keeping the running configuration: %s", error)
             return
-        if settings.daemon.endpoints != self.settings.daemon.endpoints:
-            log.warning("reload: endpoints changed; that needs a restart, keeping %s", self.settings.daemon.endpoints)
-            settings = settings.model_copy(update={"daemon": settings.daemon.model_copy(
-                update={"endpoints": self.settings.daemon.endpoints})})
+        for name in ("endpoints", "socket_group", "socket_mode"):  # bound sockets keep what they were made with
+            if getattr(settings.daemon, name) != getattr(self.settings.daemon, name):
+                log.warning("reload: daemon.%s changed; that needs a restart, keeping %s", name,
+                            getattr(self.settings.daemon, name))
+                settings = settings.model_copy(update={"daemon": settings.daemon.model_copy(
+                    update={name: getattr(self.settings.daemon, name)})})
         self.settings = settings
         self.pool.apply_settings(settings)
         log.info("reloaded: %d workers", self.pool.worker_count())
@@ -190,9 +254,9 @@ class Supervisor:
                 process.wait()
         for socket in (*self.frontends, self.backend):
             socket.close()
+        self.zap.close()
         self.context.term()
-        for endpoint in (*self.settings.daemon.endpoints, self.backend_endpoint):
-            remove_ipc_file(endpoint)  # ZeroMQ leaves socket files behind
+        self.endpoints.release()  # ZeroMQ leaves socket files behind
         self.metrics.stop()
         log.info("walredod stopped")
 
@@ -205,12 +269,23 @@ class Supervisor:
                 "--backend", self.backend_endpoint, "--credit", str(d.worker_credit),
                 "--heartbeat-interval", str(d.heartbeat_interval), "--cpu", str(cpu),
                 "--max-request-bytes", str(d.max_request_bytes),
-                "--engine-settings", self.settings.engine.model_dump_json()]
+                "--engine-settings", self.settings.engine.model_dump_json(),
+                "--daemon-settings", self.settings.daemon.model_dump_json()]
         if slot.direct_endpoint:
             argv += ["--direct", slot.direct_endpoint]
         if slot.local_socket:
             argv += ["--local", slot.local_socket]
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
+        # The worker's secret goes through a pipe only it inherits (argv and the environment are readable by other
+        # processes of our uid); the Gatekeeper admits that secret from that pid alone.
+        secret_read, secret_write = os.pipe()
+        try:
+            process = subprocess.Popen([*argv, "--secret-fd", str(secret_read)], stdin=subprocess.DEVNULL,
+                                       close_fds=True, pass_fds=(secret_read,))
+            os.write(secret_write, self.gatekeeper.expect_worker(slot.index, process.pid))
+        finally:
+            os.close(secret_read)
+            os.close(secret_write)
+        return process
 
     # --- time -----------------------------------------------------------------------------------------------------
 
@@ -219,11 +294,41 @@ class Supervisor:
 
     def _housekeeping(self) -> None:
         self.pool.tick()
+        self._check_memory()
         now = time.monotonic()
         self._next_housekeeping = now + _HOUSEKEEPING_INTERVAL
         if now - self._last_watchdog >= 1.0:
             self._notify("WATCHDOG=1")
             self._last_watchdog = now
+
+    def _check_memory(self) -> None:
+        """The last line against a client that sends one endless message: ZeroMQ delivers a message only whole and
+        caps only its frames, so it buffers every frame of it before we can refuse it. Past daemon.max_memory_bytes
+        of our own resident memory, every client connection is dropped (closing the frontend sockets frees what
+        ZeroMQ buffered for them) and the endpoints bound anew; clients' ZeroMQ sockets reconnect by themselves,
+        replies to requests sent before are lost (the clients time out). Checked every housekeeping interval, so
+        the supervisor stays under the limit plus what arrives in one interval."""
+        limit = self.settings.daemon.max_memory_bytes
+        if resident_bytes() <= limit or time.monotonic() - self._last_memory_reset < 1.0:
+            return
+        rss = resident_bytes()
+        log.error("the supervisor holds %d MiB, over daemon.max_memory_bytes (%d MiB): dropping every client "
+                  "connection (a client sending a message too large to buffer?)", rss >> 20, limit >> 20)
+        self.metrics.memory_resets.inc()
+        for old, frontend in list(self.frontends.items()):
+            self._poller.unregister(old)
+            del self._handlers[old], self.frontends[old]
+            old.close(linger=0)
+            socket = self.context.socket(zmq.ROUTER)
+            self._configure_frontend(socket, frontend)
+            self.endpoints.bind_frontend(socket, frontend.endpoint)
+            frontend.send = _sender(socket, self._reply_dropped)
+            self.frontends[socket] = frontend
+            self._handlers[socket] = self._client_handler(frontend)
+            self._poller.register(socket, zmq.POLLIN)
+        release_free_memory()
+        self._last_memory_reset = time.monotonic()
+        log.warning("client connections dropped; the supervisor holds %d MiB now", resident_bytes() >> 20)
 
     def _notify(self, message: str) -> None:
         if self._notifier is not None:

@@ -32,9 +32,10 @@ import time
 import zmq
 
 from walredod import protocol
-from walredod.daemon import backend
-from walredod.daemon.endpoints import remove_ipc_file
-from walredod.config import EngineSettings
+from walredod.daemon import auth, backend
+from walredod.daemon.admission import release_free_memory, resident_bytes
+from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file, restrict_socket
+from walredod.config import DaemonSettings, EngineSettings
 from walredod.engine import RedoEngine
 from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, WalredodError
 from walredod.native import synthesized
@@ -46,6 +47,8 @@ log = logging.getLogger("walredod.daemon.worker")
 _PR_SET_PDEATHSIG = 1
 _BURST = 64  # messages taken from one socket before looking at the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost microseconds per call
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_IDLE_POLL_MS = 50  # while idle: how often memory (and the heartbeat) is looked at
 # How often the redo children of the local data path are looked at: a child that died is replaced, one past a local
 # request's deadline killed, within this many seconds.
 LOCAL_WATCH_INTERVAL = 0.05
@@ -155,8 +158,10 @@ class RequestServer:
 class Worker:
     def __init__(self, slot: int, backend: str, engine_settings: EngineSettings, credit: int,
                  heartbeat_interval: float, direct: str | None = None, max_request_bytes: int = 0,
+                 daemon_settings: DaemonSettings | None = None, secret: bytes | None = None,
                  local: str | None = None):
         self.slot = slot
+        self.daemon_settings = daemon_settings or DaemonSettings()
         self.credit = credit
         self.heartbeat_interval = heartbeat_interval
         self._reported_child: int | None = None
@@ -168,6 +173,7 @@ class Worker:
             try:
                 self.local_listener = bind_local_socket(local)
                 self.local_path = local
+                restrict_socket(local, self.daemon_settings)  # the socket group and mode, as for the ipc endpoints
             except OSError as exc:  # a path too long for a socket, say: clients then use ZeroMQ
                 log.warning("worker %d: no local data path on %s: %s", slot, local, exc)
         self._next_watch = 0.0
@@ -184,39 +190,49 @@ class Worker:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.setsockopt(zmq.IDENTITY, f"w{slot}.{os.getpid()}".encode())
+        if secret is not None:  # the supervisor admits only its own worker process with the secret it gave it
+            auth.worker_credentials(self.socket, slot, secret)
         self.socket.connect(backend)
-        self.direct = None
-        if direct:
-            self.direct = self.context.socket(zmq.ROUTER)
-            self.direct.setsockopt(zmq.LINGER, 1000)
-            self.direct.setsockopt(zmq.SNDHWM, 0)  # a reply waits for a slow reader; never dropped
-            self.direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
-            if max_request_bytes:
-                self.direct.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + 4096)
-            self.direct.bind(direct)
         self.direct_path = direct
+        self.max_request_bytes = max_request_bytes
+        self.direct = self._bind_direct() if direct else None
+        self._next_memory_check = 0.0
+
+    def _bind_direct(self, claim: bool = True) -> zmq.Socket:
+        direct = self.context.socket(zmq.ROUTER)
+        direct.setsockopt(zmq.LINGER, 1000)
+        # Replies a client leaves unread: as many as the supervisor keeps (daemon.max_unread_replies), the rest
+        # dropped, never waited for.
+        direct.setsockopt(zmq.SNDHWM, self.daemon_settings.max_unread_replies)
+        direct.setsockopt(zmq.ROUTER_MANDATORY, 1)  # ... and to a departed one raises, not vanishes
+        if self.max_request_bytes:
+            direct.setsockopt(zmq.MAXMSGSIZE, self.max_request_bytes + 4096)
+        bind_worker_endpoint(direct, self.direct_path, self.daemon_settings, claim)  # a live one refused, stale removed
+        return direct
 
     def run(self) -> None:
         self._send(backend.encode_ready(self.slot, os.getpid(), self.engine.child_pid or 0, self.credit))
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if self.direct is not None:
             poller.register(self.direct, zmq.POLLIN)
         backend_events = self.socket.getsockopt
-        direct_events = self.direct.getsockopt if self.direct is not None else None
+        self._direct_events = self.direct.getsockopt if self.direct is not None else None
         watching = self.engine.serves_local_path
-        idle_poll_ms = (min(self.heartbeat_interval, LOCAL_WATCH_INTERVAL) if watching
-                        else self.heartbeat_interval) * 1000
+        idle_poll_ms = min(self.heartbeat_interval, LOCAL_WATCH_INTERVAL, _IDLE_POLL_MS / 1000) * 1000
         while True:
             # Checking a socket's EVENTS is much cheaper than a poll; poll only when both are empty.
+            direct_events = self._direct_events
             busy_direct = direct_events is not None and direct_events(zmq.EVENTS) & zmq.POLLIN
             busy_backend = backend_events(zmq.EVENTS) & zmq.POLLIN
             if watching and time.monotonic() >= self._next_watch:
                 self._watch_local()
             if not (busy_direct or busy_backend):
                 self.engine.start_spare()  # idle: replace a spare used up by a takeover
-                if not poller.poll(idle_poll_ms) and time.monotonic() - self._last_sent >= self.heartbeat_interval:
-                    self._heartbeat(busy_until=0.0)  # idle a whole interval: silence from now on is a hang
+                if not poller.poll(idle_poll_ms):
+                    self._check_memory()
+                    if time.monotonic() - self._last_sent >= self.heartbeat_interval:
+                        self._heartbeat(busy_until=0.0)  # idle a whole interval: silence from now on is a hang
                 continue
             if busy_direct:
                 self._serve_direct()
@@ -225,6 +241,24 @@ class Worker:
             if (self.engine.child_pid != self._reported_child
                     or time.monotonic() - self._last_sent >= self.heartbeat_interval):
                 self._heartbeat()
+            if time.monotonic() >= self._next_memory_check:
+                self._check_memory()
+
+    def _check_memory(self) -> None:
+        """As the supervisor does (walredod.daemon.supervisor, _check_memory): ZeroMQ buffers a client's message
+        whole before we see it, so past daemon.max_memory_bytes of our resident memory the direct endpoint's
+        connections are dropped (closing the socket frees what was buffered) and the endpoint bound anew."""
+        self._next_memory_check = time.monotonic() + _IDLE_POLL_MS / 1000
+        if self.direct is None or resident_bytes() <= self.daemon_settings.max_memory_bytes:
+            return
+        log.error("worker %d holds %d MiB, over daemon.max_memory_bytes: dropping the connections of its direct "
+                  "endpoint (a client sending a message too large to buffer?)", self.slot, resident_bytes() >> 20)
+        self._poller.unregister(self.direct)
+        self.direct.close(linger=0)
+        self.direct = self._bind_direct(claim=False)  # ours: the closed socket may still be listening a moment
+        self._poller.register(self.direct, zmq.POLLIN)
+        self._direct_events = self.direct.getsockopt
+        release_free_memory()
 
     def _send(self, frames: list) -> None:
         protocol.send_frames(self.socket, frames)
@@ -283,9 +317,10 @@ class Worker:
             body = [f.buffer for f in frames[1:]]
             reply = self.server.serve(body, None, taken)
             try:
-                protocol.send_frames(direct, [frames[0], *reply])
-            except zmq.ZMQError:  # the client left: nobody to answer
-                pass
+                direct.send(frames[0], _SNDMORE_NOBLOCK)  # EAGAIN: the client's unread replies are at the limit
+            except zmq.ZMQError:  # ... or the client left: nobody to answer
+                continue
+            protocol.send_frames(direct, reply)
 
     def _finish_direct(self) -> None:
         """Before stopping, answer what clients already sent; later arrivals are theirs to re-send (the directory
@@ -329,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-bytes", type=int, default=0, help="largest direct request accepted")
     parser.add_argument("--local", default=None, help="socket path of the local data path (none: no local path)")
     parser.add_argument("--engine-settings", required=True, help="EngineSettings as JSON")
+    parser.add_argument("--daemon-settings", default="{}", help="DaemonSettings as JSON (socket access)")
+    parser.add_argument("--secret-fd", type=int, default=-1,
+                        help="pipe holding the secret this worker logs in to the supervisor with")
     args = parser.parse_args(argv)
     die_with_parent()
     if args.cpu >= 0:
@@ -337,10 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s worker-{args.slot}[%(process)d] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the supervisor, which stops us in order
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Read (and close) the secret before anything starts a redo child that could inherit it.
+    secret = auth.read_secret(args.secret_fd) if args.secret_fd >= 0 else None
     settings = EngineSettings.model_validate(json.loads(args.engine_settings))
+    daemon_settings = DaemonSettings.model_validate(json.loads(args.daemon_settings))
     try:
         worker = Worker(args.slot, args.backend, settings, args.credit, args.heartbeat_interval, args.direct,
-                        args.max_request_bytes, args.local)
+                        args.max_request_bytes, daemon_settings, secret, args.local)
     except WalredodError as error:
         log.error("worker %d cannot start: %s", args.slot, error)
         return 3

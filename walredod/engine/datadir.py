@@ -78,8 +78,11 @@ class RunAs:
 
 
 def find_postgres_bin(settings: EngineSettings) -> Path:
-    candidates = [settings.postgres_bin] if settings.postgres_bin else []
-    candidates.append(Path("/usr/lib/postgresql/15/bin/postgres"))
+    """The configured binary, or (only when none is configured) the Debian package's or pg_config's."""
+    if settings.postgres_bin is not None:
+        _check_executable(settings.postgres_bin, "engine.postgres_bin")
+        return settings.postgres_bin
+    candidates = [Path("/usr/lib/postgresql/15/bin/postgres")]
     if pg_config := shutil.which("pg_config"):
         try:
             bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True).stdout
@@ -87,21 +90,71 @@ def find_postgres_bin(settings: EngineSettings) -> Path:
         except (OSError, subprocess.CalledProcessError):
             pass
     for path in candidates:
-        if path and path.is_file() and os.access(path, os.X_OK):
+        if path.is_file() and os.access(path, os.X_OK):
             return path
     raise Unavailable(
-        "PostgreSQL 15's postgres binary was not found (run the README's set-up, or set postgres_bin)"
+        "PostgreSQL 15's postgres binary was not found (run the README's set-up, or set engine.postgres_bin)"
     )
 
 
 def find_extension(settings: EngineSettings) -> Path:
-    candidates = [settings.extension_path] if settings.extension_path else []
+    """The configured extension, or (only when none is configured) the one the set-up built."""
+    if settings.extension_path is not None:
+        if not settings.extension_path.is_file():
+            raise Unavailable(f"engine.extension_path: {settings.extension_path} {_missing(settings.extension_path)}")
+        return settings.extension_path
     # The set-up installs the built extension as package data (walredod/_native).
-    candidates.append(Path(str(importlib.resources.files("walredod") / "_native" / EXTENSION_NAME)))
-    for path in candidates:
-        if path and path.is_file():
-            return path
-    raise Unavailable(f"{EXTENSION_NAME} was not found (run the README's set-up to build it, or set extension_path)")
+    built = Path(str(importlib.resources.files("walredod") / "_native" / EXTENSION_NAME))
+    if built.is_file():
+        return built
+    raise Unavailable(f"{EXTENSION_NAME} was not found (run the README's set-up to build it, or set "
+                      "engine.extension_path)")
+
+
+def engine_path_problems(settings: EngineSettings) -> list[str]:
+    """Every configured path of ``settings`` that cannot be what it says, each naming its setting; the defaults
+    the settings' kind needs, when they are missing. A configured path is never replaced by a default."""
+    problems = []
+    if settings.kind == "vanilla":
+        for find in (find_postgres_bin, find_extension):
+            try:
+                find(settings)
+            except Unavailable as error:
+                problems.append(str(error))
+    else:
+        if settings.neon_postgres_bin is None:
+            problems.append("engine.neon_postgres_bin: kind = 'neon' needs the path of Neon's postgres binary")
+    if settings.neon_postgres_bin is not None:
+        try:
+            _check_executable(settings.neon_postgres_bin, "engine.neon_postgres_bin")
+        except Unavailable as error:
+            problems.append(str(error))
+    for entry in filter(None, settings.neon_ld_library_path.split(":")):
+        if not Path(entry).is_dir():
+            problems.append(f"engine.neon_ld_library_path: {entry} {_missing(Path(entry), directory=True)}")
+    # A configured data directory is made on first use (systemd's StateDirectory makes it too), but not its
+    # parent: a missing parent is a typo far more often than a wish. (The default one is made with its parents.)
+    data_dir = Path(settings.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        problems.append(f"engine.data_dir: {data_dir} is not a directory")
+    elif "data_dir" in settings.model_fields_set and not data_dir.exists() and not data_dir.parent.is_dir():
+        problems.append(f"engine.data_dir: {data_dir.parent} (the parent of {data_dir}) "
+                        f"{_missing(data_dir.parent, directory=True)}")
+    return problems
+
+
+def _check_executable(path: Path, setting: str) -> None:
+    if not path.is_file():
+        raise Unavailable(f"{setting}: {path} {_missing(path)}")
+    if not os.access(path, os.X_OK):
+        raise Unavailable(f"{setting}: {path} is not executable")
+
+
+def _missing(path: Path, directory: bool = False) -> str:
+    """Why ``path`` is not the file (or directory) it should be."""
+    if not path.exists():
+        return "does not exist"
+    return "is not a directory" if directory else "is not a regular file"
 
 
 class DataDirectory:

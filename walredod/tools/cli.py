@@ -160,7 +160,10 @@ def serve(args: argparse.Namespace) -> int:
 def check_config(args: argparse.Namespace) -> int:
     from walredod.config import load_settings
 
+    from walredod.daemon import preflight
+
     settings = load_settings(args.config, _overrides(args))
+    preflight.check(settings, args.config)
     print(f"{args.config or 'defaults'}: ok")
     if args.verbose:
         print(settings.model_dump_json(indent=2))
@@ -169,11 +172,12 @@ def check_config(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Each worker's state, pid, child pid, requests served and restarts."""
-    from walredod.client import RedoClient
+    from walredod.client import CurveKeys, RedoClient
     from walredod.config import load_settings
 
     endpoint = args.endpoint[0] if args.endpoint else load_settings(args.config).daemon.endpoints[0]
-    with RedoClient(endpoint) as client:
+    curve = CurveKeys.load(args.server_key, args.key) if args.server_key and args.key else None
+    with RedoClient(endpoint, curve=curve) as client:
         state = client.status(timeout=args.timeout)
     print(f"supervisor {state['pid']}: {state['pending']} requests pending, {state['waiting']} waiting"
           f"{', stopping' if state['stopping'] else ''}")
@@ -182,6 +186,17 @@ def status(args: argparse.Namespace) -> int:
         restarts = ", ".join(f"{cause}: {n}" for cause, n in w["restarts"].items()) or "-"
         print(f"{w['slot']:>4} {w['state']:<10} {w['pid'] or '-':>8} {w['child_pid'] or '-':>8} "
               f"{w['in_flight']:>9} {w['served']:>10}  {restarts}; redo children replaced: {w['child_restarts']}")
+    return 0
+
+
+def keygen(args: argparse.Namespace) -> int:
+    """A CURVE key pair for tcp:// endpoints: the daemon's, or a client's."""
+    from walredod.daemon.auth import keygen as make_keys
+
+    if (args.directory / f"{args.name}.key_secret").exists():
+        raise SystemExit(f"walredod keygen: {args.directory / args.name}.key_secret exists; not overwriting it")
+    public, secret = make_keys(args.directory, args.name)
+    print(f"public key {public} (give it to the other side)\nsecret key {secret} (keep it; mode 0600)")
     return 0
 
 
@@ -248,7 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("status", help="print each worker's state, pid, child pid, requests served, restarts")
     daemon_options(p)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--server-key", type=Path, help="a CURVE tcp endpoint: the daemon's public key file")
+    p.add_argument("--key", type=Path, help="a CURVE tcp endpoint: this client's .key_secret file")
     p.set_defaults(func=status)
+
+    p = commands.add_parser("keygen", help="make a CURVE key pair (daemon: curve_secret_key_file; clients: their "
+                            "public key goes into the daemon's curve_client_keys directory)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--name", default="walredod", help="file names: NAME.key (public), NAME.key_secret")
+    p.set_defaults(func=keygen)
 
     p = commands.add_parser("bench", help="benchmark one engine or a running daemon on real request sets")
     p.add_argument("--target", choices=["engine", "daemon"], default="engine")

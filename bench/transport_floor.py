@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import os
 import sys
 import tempfile
@@ -133,6 +134,7 @@ def floors(request_frames: list, seconds: float = 3.0, cpus: tuple[int | None, i
     finally:
         for process in processes:
             process.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main() -> int:

@@ -69,6 +69,8 @@
 #define INITIAL_BUFFER			65536
 /* Buffers grown past this for a large request are given back afterwards. */
 #define KEEP_BUFFER				(1024 * 1024)
+/* How much an input buffer may grow ahead of the bytes that arrived. */
+#define READ_GROWTH				(1024 * 1024)
 /* A connection whose unread replies reach this is not read from. */
 #define OUTPUT_HIGH_WATER		(4 * 1024 * 1024)
 
@@ -257,9 +259,15 @@ local_server_start(void)
 
 /* --- buffers ------------------------------------------------------------ */
 
-/* Make room for 'want' bytes from 'start' on; data moves to offset 0. */
+/*
+ * Make room for 'want' bytes from 'start' on; data moves to offset 0.  With
+ * 'may_fail', running out of memory returns NULL and leaves the buffer as it
+ * was (input: the connection is dropped, the child serves on); otherwise it
+ * is an ERROR.
+ */
 static char *
-make_room(char *buf, size_t *size, size_t *start, size_t *end, size_t want)
+make_room(char *buf, size_t *size, size_t *start, size_t *end, size_t want,
+		  bool may_fail)
 {
 	size_t		have = *end - *start;
 
@@ -270,8 +278,13 @@ make_room(char *buf, size_t *size, size_t *start, size_t *end, size_t want)
 	else
 	{
 		size_t		newsize = Max(want, *size * 2);
-		char	   *newbuf = MemoryContextAllocHuge(local_context, newsize);
+		char	   *newbuf;
 
+		newbuf = MemoryContextAllocExtended(local_context, newsize,
+											MCXT_ALLOC_HUGE |
+											(may_fail ? MCXT_ALLOC_NO_OOM : 0));
+		if (newbuf == NULL)
+			return NULL;
 		if (have > 0)
 			memcpy(newbuf, buf + *start, have);
 		if (buf)
@@ -310,7 +323,8 @@ queue_reply(LocalConnection *c, uint64 request_id, int status, uint32 body_len)
 	if (c->out_start == c->out_end)
 		c->out_start = c->out_end = 0;
 	c->out = make_room(c->out, &c->out_size, &c->out_start, &c->out_end,
-					   c->out_end - c->out_start + REPLY_HEADER_LEN + body_len);
+					   c->out_end - c->out_start + REPLY_HEADER_LEN + body_len,
+					   false);
 	h = c->out + c->out_end;
 	h[0] = LOCAL_MAGIC_0;
 	h[1] = LOCAL_MAGIC_1;
@@ -364,6 +378,13 @@ flush_output(LocalConnection *c)
 	}
 }
 
+/* The limit counts the whole request, header included (local-data-path.md). */
+static inline bool
+request_size_allowed(uint32 body_len)
+{
+	return REQUEST_HEADER_LEN + (size_t) body_len <= (size_t) local_max_request_bytes;
+}
+
 /* Bytes the next request needs in the buffer, as far as its header tells. */
 static size_t
 next_request_size(const LocalConnection *c)
@@ -376,7 +397,7 @@ next_request_size(const LocalConnection *c)
 		return REQUEST_HEADER_LEN;
 	body_len = get_u32(h + 4);
 	if (h[0] != LOCAL_MAGIC_0 || h[1] != LOCAL_MAGIC_1 ||
-		h[2] != LOCAL_VERSION || body_len > (uint32) local_max_request_bytes)
+		h[2] != LOCAL_VERSION || !request_size_allowed(body_len))
 		return REQUEST_HEADER_LEN;	/* refused on its header alone */
 	return REQUEST_HEADER_LEN + (size_t) body_len;
 }
@@ -391,15 +412,30 @@ static void
 read_input(LocalConnection *c)
 {
 	ssize_t		n;
+	size_t		have;
+	char	   *in;
 
 	if (c->in_start == c->in_end)
 	{
 		c->in_start = c->in_end = 0;
 		c->in = shrink_if_idle(c->in, &c->in_size, 0, 0);
 	}
-	/* Room for the whole of the next request, and some to read ahead. */
-	c->in = make_room(c->in, &c->in_size, &c->in_start, &c->in_end,
-					  Max(next_request_size(c), c->in_end - c->in_start + 4096));
+	/*
+	 * Room for some more bytes: a buffer grows with what has arrived, never
+	 * to the size a header merely announces, so headers alone cannot make
+	 * the child allocate.
+	 */
+	have = c->in_end - c->in_start;
+	in = make_room(c->in, &c->in_size, &c->in_start, &c->in_end,
+				   Max(have + 4096, Min(next_request_size(c), have + READ_GROWTH)),
+				   true);
+	if (in == NULL)
+	{
+		c->broken = true;		/* out of memory: drop this connection only */
+		board[B_CONNECTIONS_DROPPED]++;
+		return;
+	}
+	c->in = in;
 	n = read(c->fd, c->in + c->in_end, c->in_size - c->in_end);
 	if (n > 0)
 		c->in_end += n;
@@ -428,8 +464,8 @@ accept_connections(void)
 			 * waits in the backlog, or for the other child, until one of
 			 * ours closes; polling the listener meanwhile would spin.
 			 */
-			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
-				errno == ENOMEM)
+			if ((errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+				 errno == ENOMEM) && nconnections > 0)
 				accept_paused_at = nconnections;
 			/* EAGAIN: the other child took it */
 			return;
@@ -653,11 +689,11 @@ serve_request(LocalConnection *c)
 		board[B_CONNECTIONS_DROPPED]++;
 		return;
 	}
-	if (body_len > (uint32) local_max_request_bytes)
+	if (!request_size_allowed(body_len))
 	{
 		refuse(c, request_id, REPLY_INVALID_REQUEST,
-			   "walredod: request body of %u bytes is over the limit of %d; closing the connection",
-			   body_len, local_max_request_bytes);
+			   "walredod: request of %zu bytes (header included) is over the limit of %d; closing the connection",
+			   REQUEST_HEADER_LEN + (size_t) body_len, local_max_request_bytes);
 		c->closing = true;
 		board[B_CONNECTIONS_DROPPED]++;
 		return;
@@ -720,7 +756,8 @@ local_server_serve_until_stdin(void)
 			LocalConnection *c = &connections[i];
 			short		events = 0;
 
-			if (!c->eof && !c->closing && pending_output(c) < OUTPUT_HIGH_WATER)
+			if (!c->eof && !c->closing && pending_output(c) < OUTPUT_HIGH_WATER &&
+				!(has_request(c) && c->in_end - c->in_start >= INITIAL_BUFFER))
 				events |= POLLIN;
 			if (pending_output(c) > 0)
 				events |= POLLOUT;

@@ -129,7 +129,8 @@ class DaemonSettings(Strict):
         "Default: half of max_pending, so one client never shuts the others out.",
     )
     max_request_bytes: int = Field(
-        64 * 1024 * 1024, ge=16 * 1024, description="Largest request accepted (all frames).",
+        64 * 1024 * 1024, ge=16 * 1024, le=2**31 - 1,
+        description="Largest request accepted (all frames); the redo child's limit is a C int, hence the bound.",
     )
     shutdown_timeout: float = Field(10.0, ge=0, description="Seconds to finish in-flight requests on SIGTERM.")
     cpu_placement: Literal["pair", "none"] = Field(

@@ -104,6 +104,7 @@ class LocalConnection:
 
     # The kernel wakes a blocked read this often, so a deadline is checked without a poll() per read.
     _WAKE_INTERVAL = 0.25
+    _SEND_STALL = 5  # seconds
 
     def __init__(self, path: str, connect_timeout: float = 1.0):
         self.path = path
@@ -114,6 +115,10 @@ class LocalConnection:
             self._sock.settimeout(None)
             timeval = struct.pack("@ll", 0, int(self._WAKE_INTERVAL * 1e6))
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            # A child that takes none of our bytes for this long is stalled outside redo (no deadline of its own
+            # is published then): the send fails, the connection is dropped and its requests go elsewhere.
+            stall = struct.pack("@ll", int(self._SEND_STALL), 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
         except OSError as exc:
             self._sock.close()
             raise ConnectionLost(f"cannot connect to {path}: {exc}") from None

@@ -37,7 +37,7 @@ from walredod.daemon.admission import release_free_memory, resident_bytes
 from walredod.daemon.endpoints import bind_worker_endpoint, remove_ipc_file, restrict_socket
 from walredod.config import DaemonSettings, EngineSettings
 from walredod.engine import RedoEngine
-from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, WalredodError
+from walredod.errors import InvalidRequest, PoisonRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
 from walredod.native import synthesized
 from walredod.native.rebuild import rebuild_object, rebuild_visibility_map_page
 from walredod.types import BufferTag, ForkNumber
@@ -174,7 +174,9 @@ class Worker:
                 self.local_listener = bind_local_socket(local)
                 self.local_path = local
                 restrict_socket(local, self.daemon_settings)  # the socket group and mode, as for the ipc endpoints
-            except OSError as exc:  # a path too long for a socket, say: clients then use ZeroMQ
+            except (OSError, Unavailable) as exc:  # a path too long for a socket, a group we cannot give it, ...
+                self._close_local()  # clients then use ZeroMQ
+                self.local_path = None
                 log.warning("worker %d: no local data path on %s: %s", slot, local, exc)
         self._next_watch = 0.0
         try:

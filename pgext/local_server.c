@@ -136,21 +136,6 @@ static struct pollfd *pollfds;
 static RedoRequestRecord *records;
 static int	records_size;
 
-static inline uint32
-get_u32(const char *p)
-{
-	const unsigned char *u = (const unsigned char *) p;
-
-	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) |
-		((uint32) u[2] << 8) | (uint32) u[3];
-}
-
-static inline uint64
-get_u64(const char *p)
-{
-	return ((uint64) get_u32(p) << 32) | get_u32(p + 4);
-}
-
 static inline void
 put_u32(char *p, uint32 v)
 {

@@ -181,21 +181,6 @@ cpu_time_ns(void)
 	return (uint64) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static inline uint32
-get_u32(const char *p)
-{
-	const unsigned char *u = (const unsigned char *) p;
-
-	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) |
-		((uint32) u[2] << 8) | (uint32) u[3];
-}
-
-static inline uint64
-get_u64(const char *p)
-{
-	return ((uint64) get_u32(p) << 32) | get_u32(p + 4);
-}
-
 /*
  * Open a relation of ours at smgr level.  Its cached size is set to the
  * largest block number, which (with InRecovery set) makes redo believe every

@@ -36,6 +36,22 @@ typedef struct RedoRequest
 	const RedoRequestRecord *records;
 } RedoRequest;
 
+/* Big-endian integers of both protocols (the pipe's and the local path's). */
+static inline uint32
+get_u32(const char *p)
+{
+	const unsigned char *u = (const unsigned char *) p;
+
+	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) |
+		((uint32) u[2] << 8) | (uint32) u[3];
+}
+
+static inline uint64
+get_u64(const char *p)
+{
+	return ((uint64) get_u32(p) << 32) | get_u32(p + 4);
+}
+
 /* walredod_redo.c */
 extern bool is_invalid_request_sqlstate(int sqlerrcode);
 extern void check_redo_request(const RedoRequest *req);

@@ -600,8 +600,7 @@ serve_redo(LocalConnection *c, uint64 request_id, uint32 timeout_ms,
 {
 	RedoRequest req;
 	char		why[256];
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ErrorData  *volatile refusal = NULL;
+	ErrorData  *refusal;
 	uint64		started;
 	char	   *page;
 
@@ -612,17 +611,7 @@ serve_redo(LocalConnection *c, uint64 request_id, uint32 timeout_ms,
 	}
 
 	/* Refused here, nothing was touched: answer and carry on. */
-	PG_TRY();
-	{
-		check_redo_request(&req);
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		refusal = CopyErrorData();
-		FlushErrorState();
-	}
-	PG_END_TRY();
+	refusal = refusal_of_request(&req, NULL, 0);
 	if (refusal != NULL)
 	{
 		refuse(c, request_id,

@@ -395,6 +395,19 @@ static void start_target(RelFileNode rnode, ForkNumber fork,
 						 BlockNumber blkno);
 static void load_target_image(const char *image);
 
+/* The block a 'B' message names. */
+static void
+parse_begin(const char *body, uint32 len,
+			RelFileNode *rnode, ForkNumber *fork, BlockNumber *blkno)
+{
+	if (len != WIRE_TAG_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("walredod: 'B' message body is %u bytes, expected %d",
+						len, WIRE_TAG_LEN)));
+	parse_tag(body, rnode, fork, blkno);
+}
+
 /* 'B': start rebuilding a block; it exists as zeros until a 'P' fills it. */
 static void
 begin_redo(const char *body, uint32 len)
@@ -403,17 +416,10 @@ begin_redo(const char *body, uint32 len)
 	ForkNumber	fork;
 	BlockNumber blkno;
 
-	if (len != WIRE_TAG_LEN)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("walredod: 'B' message body is %u bytes, expected %d",
-						len, WIRE_TAG_LEN)));
-
+	parse_begin(body, len, &rnode, &fork, &blkno);
 	/* A request the client abandoned without 'G' ends here. */
 	if (target.active)
 		finish_request();
-
-	parse_tag(body, &rnode, &fork, &blkno);
 	start_target(rnode, fork, blkno);
 }
 
@@ -1040,6 +1046,35 @@ check_redo_request(const RedoRequest *req)
 }
 
 /*
+ * Check a whole request before redo touches anything.  A refusal is returned,
+ * copied out of the error state, rather than raised: the child answers it and
+ * serves on.  NULL: the request may run.  'prepare', when given, builds the
+ * request first; its errors are refusals too.
+ */
+ErrorData *
+refusal_of_request(RedoRequest *req, void (*prepare) (RedoRequest *req, int arg),
+				   int arg)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ErrorData  *volatile refusal = NULL;
+
+	PG_TRY();
+	{
+		if (prepare != NULL)
+			prepare(req, arg);
+		check_redo_request(req);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		refusal = CopyErrorData();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	return refusal;
+}
+
+/*
  * Rebuild the page of a request check_redo_request accepted, into 'page'
  * (BLCKSZ bytes).  An ERROR here is a redo failure: it ends the process.
  */
@@ -1262,25 +1297,20 @@ serve_whole_pipe_request(void)
 	size_t		pos = 0;
 	int			nmessages = 0;
 	RedoRequest req;
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ErrorData  *volatile refusal = NULL;
+	ErrorData  *refusal;
 
 	/*
 	 * A 'B' that is not a good block tag ends the process as without error
 	 * replies: which messages would belong to its request is not clear.
 	 */
 	{
-		uint32		len = get_u32(inbuf + inbuf_start + 1) - MSG_LENGTH_FIELD_LEN;
 		RelFileNode rnode;
 		ForkNumber	fork;
 		BlockNumber blkno;
 
-		if (len != WIRE_TAG_LEN)
-			ereport(ERROR,
-					(errcode(ERRCODE_PROTOCOL_VIOLATION),
-					 errmsg("walredod: 'B' message body is %u bytes, expected %d",
-							len, WIRE_TAG_LEN)));
-		parse_tag(inbuf + inbuf_start + MSG_HEADER_LEN, &rnode, &fork, &blkno);
+		parse_begin(inbuf + inbuf_start + MSG_HEADER_LEN,
+					get_u32(inbuf + inbuf_start + 1) - MSG_LENGTH_FIELD_LEN,
+					&rnode, &fork, &blkno);
 	}
 
 	for (;;)
@@ -1325,19 +1355,7 @@ serve_whole_pipe_request(void)
 	}
 
 	/* Refused here, nothing was touched: answer and carry on. */
-	PG_TRY();
-	{
-		build_pipe_request(&req, nmessages);
-		check_redo_request(&req);
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		refusal = CopyErrorData();
-		FlushErrorState();
-	}
-	PG_END_TRY();
-
+	refusal = refusal_of_request(&req, build_pipe_request, nmessages);
 	if (refusal != NULL)
 	{
 		char	   *message = psprintf("%s (ERROR %s)", refusal->message,

@@ -55,6 +55,9 @@ get_u64(const char *p)
 /* walredod_redo.c */
 extern bool is_invalid_request_sqlstate(int sqlerrcode);
 extern void check_redo_request(const RedoRequest *req);
+extern ErrorData *refusal_of_request(RedoRequest *req,
+									  void (*prepare) (RedoRequest *req, int arg),
+									  int arg);
 extern void run_redo_request(const RedoRequest *req, char *page);
 
 /* local_server.c */

@@ -30,7 +30,7 @@ from walredod.client import local
 from walredod.client.core import TRANSPORT_MARGIN, check_request
 from walredod.client.links import AsyncLinks, CurveKeys, Links, connect_dealer, direct_path_reachable
 from walredod.client.local_link import LocalLink
-from walredod.errors import InvalidRequest, RedoTimeout, Unavailable, WalredodError
+from walredod.errors import RedoTimeout, Unavailable, WalredodError
 from walredod.client import access
 from walredod.types import BufferTag, WalRecord
 
@@ -216,13 +216,10 @@ class RedoClient:
     def _ask_directory(self, timeout: float) -> None:
         core = self._core
         try:
-            body = self._control(protocol.KIND_DIRECTORY, _directory_timeout(core, timeout))[1]
-        except InvalidRequest:  # a daemon from before the direct path
-            core.directory_failed(time.monotonic(), unsupported=True)
-        except (WalredodError, zmq.ZMQError):
-            core.directory_failed(time.monotonic())
-        else:
-            core.directory_arrived(body, time.monotonic())
+            outcome = self._control(protocol.KIND_DIRECTORY, _directory_timeout(core, timeout))[1]
+        except (WalredodError, zmq.ZMQError) as error:
+            outcome = error
+        core.directory_answered(outcome, time.monotonic())
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the supervisor, in seconds. Raises Unavailable when it does not answer."""
@@ -348,13 +345,10 @@ class AsyncRedoClient:
     async def _ask_directory(self) -> None:
         core = self._core
         try:
-            body = await self._control(protocol.KIND_DIRECTORY, _directory_timeout(core, self.timeout))
-        except InvalidRequest:  # a daemon from before the direct path
-            core.directory_failed(time.monotonic(), unsupported=True)
-        except (WalredodError, zmq.ZMQError):
-            core.directory_failed(time.monotonic())
-        else:
-            core.directory_arrived(body, time.monotonic())
+            outcome = await self._control(protocol.KIND_DIRECTORY, _directory_timeout(core, self.timeout))
+        except (WalredodError, zmq.ZMQError) as error:
+            outcome = error
+        core.directory_answered(outcome, time.monotonic())
         self._flush()
 
     async def _control(self, kind: int, timeout: float) -> bytes:

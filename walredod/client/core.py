@@ -46,7 +46,7 @@ from collections.abc import Sequence
 
 from walredod import protocol
 from walredod.client.directory import DIRECT_CHECK_INTERVAL, DirectWorker, WorkerDirectory
-from walredod.errors import RedoTimeout, WalredodError
+from walredod.errors import InvalidRequest, RedoTimeout, WalredodError
 from walredod.objects import check_base_image, check_tag
 from walredod.types import BufferTag, WalRecord
 
@@ -203,6 +203,16 @@ class ClientCore:
         self._resend_departed(now)
         if unsupported:
             self.directory = None
+
+    def directory_answered(self, outcome: bytes | Exception, now: float) -> None:
+        """What a directory request gave: its body, or the error it ended in. ``invalid_request`` is a daemon from
+        before the direct path; any other error, no answer."""
+        if isinstance(outcome, InvalidRequest):
+            self.directory_failed(now, unsupported=True)
+        elif isinstance(outcome, Exception):
+            self.directory_failed(now)
+        else:
+            self.directory_arrived(outcome, now)
 
     def on_time(self, now: float) -> Sequence[Call]:
         """Give up on flights past their deadline; the calls that finished so."""

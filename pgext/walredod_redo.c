@@ -68,6 +68,7 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "block_images.h"
 #include "sandbox.h"
 #include "wal_format.h"
 #include "walredod_redo.h"
@@ -366,6 +367,63 @@ is_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 }
 
 /* Complain unless a tag names the block the current request rebuilds. */
+/*
+ * Where the target's decompressed images live while their request runs
+ * (block_images.c): BLCKSZ bytes each, kept across requests below
+ * CHECKED_ARENA_KEEP.
+ */
+static char *image_arena;
+static size_t image_arena_size;
+
+/*
+ * Make the images redo will restore ready, before redo runs: the target's
+ * decompressed into image_arena, the other blocks' blanked (block_images.c
+ * says why).  Images not to be applied are left alone: redo ignores them.
+ */
+static void
+prepare_block_images(DecodedXLogRecord **records, int nrecords)
+{
+	size_t		needed = 0;
+	size_t		used = 0;
+
+	for (int i = 0; i < nrecords; i++)
+		for (int id = 0; id <= records[i]->max_block_id; id++)
+		{
+			DecodedBkpBlock *blk = &records[i]->blocks[id];
+
+			if (blk->in_use && blk->apply_image &&
+				block_image_is_compressed(blk) &&
+				is_target(blk->rnode, blk->forknum, blk->blkno))
+				needed += BLCKSZ;
+		}
+	if (needed > image_arena_size)
+	{
+		if (image_arena)
+			pfree(image_arena);
+		image_arena = NULL;
+		image_arena_size = 0;
+		image_arena = MemoryContextAllocHuge(TopMemoryContext, needed);
+		image_arena_size = needed;
+	}
+
+	for (int i = 0; i < nrecords; i++)
+		for (int id = 0; id <= records[i]->max_block_id; id++)
+		{
+			DecodedBkpBlock *blk = &records[i]->blocks[id];
+
+			if (!blk->in_use || !blk->apply_image)
+				continue;
+			if (!is_target(blk->rnode, blk->forknum, blk->blkno))
+				blank_block_image(blk);
+			else if (block_image_is_compressed(blk))
+			{
+				decompress_block_image(blk, image_arena + used, id,
+									   records[i]->lsn);
+				used += BLCKSZ;
+			}
+		}
+}
+
 static void
 check_tag_is_target(const char *p, char msgtype)
 {
@@ -927,6 +985,7 @@ apply_record(const char *body, uint32 len)
 	rec = check_record_message(body, len, &end_lsn, &rec_len);
 	decode_record(rec, rec_len, end_lsn);
 	check_heap_record_format(decoded, end_lsn, walredod_wal_format);
+	prepare_block_images(&decoded, 1);
 	if (walredod_wal_format == WAL_FORMAT_NEON)
 		neon_heap_record_to_vanilla(decoded, redo_context);
 	nused = remap_blocks(used, &scratch_main_used);
@@ -1042,6 +1101,7 @@ check_redo_request(const RedoRequest *req)
 		check_record_blocks(record);
 		checked_records[i] = record;
 	}
+	prepare_block_images(checked_records, req->nrecords);
 	MemoryContextReset(redo_context);
 }
 
@@ -1110,6 +1170,12 @@ run_redo_request(const RedoRequest *req, char *page)
 		pfree(checked_arena);
 		checked_arena = NULL;
 		checked_arena_size = 0;
+	}
+	if (image_arena_size > CHECKED_ARENA_KEEP)
+	{
+		pfree(image_arena);
+		image_arena = NULL;
+		image_arena_size = 0;
 	}
 }
 
@@ -1579,6 +1645,7 @@ allocate_serving_state(void)
 				 errmsg("walredod: out of memory allocating a WAL reader")));
 	decoded_size = DecodeXLogRecordRequiredSpace(BLCKSZ * 4);
 	decoded = MemoryContextAllocHuge(TopMemoryContext, decoded_size);
+	block_images_init();
 }
 
 /*

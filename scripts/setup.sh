@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up of a machine for walredod: PostgreSQL 15 (server and headers), libseccomp (the redo child's
-# sandbox), the daemon's user and the user of its own the redo children run as when the daemon is root, the Python
-# packages, and our PostgreSQL extension.
+# sandbox), libzstd and liblz4 headers (the child decompresses block images itself), the daemon's user and the user
+# of its own the redo children run as when the daemon is root, the Python packages, and our PostgreSQL extension.
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,15 +14,16 @@ CHILD_USER="${WALREDOD_CHILD_USER:-walredod-redo}"
 
 have_pg15_dev() {
     [ -x /usr/lib/postgresql/15/bin/postgres ] && [ -x /usr/lib/postgresql/15/bin/pg_config ] &&
-        [ -f /usr/include/postgresql/15/server/postgres.h ] && [ -f /usr/include/seccomp.h ]
+        [ -f /usr/include/postgresql/15/server/postgres.h ] && [ -f /usr/include/seccomp.h ] &&
+        [ -f /usr/include/zstd.h ] && [ -f /usr/include/lz4.h ]
 }
 
 if ! have_pg15_dev; then
-    echo "== installing PostgreSQL 15 server, development files and libseccomp (apt-get)"
+    echo "== installing PostgreSQL 15 server, development files, libseccomp, libzstd and liblz4 headers (apt-get)"
     $SUDO apt-get update -qq
     # server-dev pulls the newest 15.x server, so the extension is built for the server it runs in.
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        postgresql-15 postgresql-server-dev-15 libseccomp-dev make gcc >/dev/null
+        postgresql-15 postgresql-server-dev-15 libseccomp-dev libzstd-dev liblz4-dev make gcc >/dev/null
 fi
 
 if ! command -v systemd-analyze >/dev/null 2>&1; then

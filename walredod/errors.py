@@ -69,7 +69,7 @@ class SqlState(NamedTuple):
 
 REDO_CHILD_SQLSTATES: dict[str, SqlState] = {state.code: state for state in (
     SqlState("08P01", "ERRCODE_PROTOCOL_VIOLATION", InvalidRequest),  # a malformed pipe message
-    SqlState("XX001", "ERRCODE_DATA_CORRUPTED", InvalidRequest),  # a record's length or CRC is wrong
+    SqlState("XX001", "ERRCODE_DATA_CORRUPTED", InvalidRequest),  # a record's length, CRC or image is wrong
     SqlState("0A000", "ERRCODE_FEATURE_NOT_SUPPORTED", InvalidRequest),  # a resource manager we do not apply
     SqlState("22023", "ERRCODE_INVALID_PARAMETER_VALUE", InvalidRequest),  # a record not of the requested block
     SqlState("WR001", "ERRCODE_WALREDOD_WAL_FORMAT_MISMATCH", InvalidRequest),  # a heap record of the other WAL format

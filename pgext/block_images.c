@@ -107,6 +107,22 @@ decompress_image_bytes(const DecodedBkpBlock *blk, char *raw, int expected,
 }
 
 /*
+ * Refuse an image whose hole reaches past the end of the page.  The WAL
+ * reader checks the hole's flags but not where it ends, and restoring such
+ * an image would write past the page's buffer.
+ */
+void
+check_block_image(const DecodedBkpBlock *blk, int block_id, XLogRecPtr end_lsn)
+{
+	if ((int) blk->hole_offset + blk->hole_length > BLCKSZ)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: image of block %d of the record at end LSN %X/%X has a hole (offset %u, length %u) past the end of the page",
+						block_id, LSN_FORMAT_ARGS(end_lsn),
+						blk->hole_offset, blk->hole_length)));
+}
+
+/*
  * Decompress block 'block_id''s image (of the record ending at 'end_lsn')
  * into 'page' (BLCKSZ bytes, holes zero-filled) and point the block at it as
  * a plain image without a hole.  An image that does not decompress to
@@ -122,11 +138,7 @@ decompress_block_image(DecodedBkpBlock *blk, char *page, int block_id,
 	const char *method;
 
 	Assert(block_image_is_compressed(blk));
-	if ((int) blk->hole_offset + blk->hole_length > BLCKSZ)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_CORRUPTED),
-				 errmsg("walredod: image of block %d of the record at end LSN %X/%X has a hole past the end of the page",
-						block_id, LSN_FORMAT_ARGS(end_lsn))));
+	check_block_image(blk, block_id, end_lsn);
 	expected = BLCKSZ - blk->hole_length;
 	produced = decompress_image_bytes(blk, raw.data, expected, &method);
 	if (produced != expected)

@@ -14,6 +14,8 @@
 
 extern void block_images_init(void);
 extern bool block_image_is_compressed(const DecodedBkpBlock *blk);
+extern void check_block_image(const DecodedBkpBlock *blk, int block_id,
+							  XLogRecPtr end_lsn);
 extern void decompress_block_image(DecodedBkpBlock *blk, char *page,
 								   int block_id, XLogRecPtr end_lsn);
 extern void blank_block_image(DecodedBkpBlock *blk);

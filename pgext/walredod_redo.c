@@ -377,8 +377,9 @@ static size_t image_arena_size;
 
 /*
  * Make the images redo will restore ready, before redo runs: the target's
- * decompressed into image_arena, the other blocks' blanked (block_images.c
- * says why).  Images not to be applied are left alone: redo ignores them.
+ * checked and, when compressed, decompressed into image_arena; the other
+ * blocks' blanked (block_images.c says why).  Images not to be applied are
+ * left alone: redo ignores them.
  */
 static void
 prepare_block_images(DecodedXLogRecord **records, int nrecords)
@@ -415,7 +416,9 @@ prepare_block_images(DecodedXLogRecord **records, int nrecords)
 				continue;
 			if (!is_target(blk->rnode, blk->forknum, blk->blkno))
 				blank_block_image(blk);
-			else if (block_image_is_compressed(blk))
+			else if (!block_image_is_compressed(blk))
+				check_block_image(blk, id, records[i]->lsn);
+			else
 			{
 				decompress_block_image(blk, image_arena + used, id,
 									   records[i]->lsn);

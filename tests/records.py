@@ -31,7 +31,8 @@ XLOG_SMGR_TRUNCATE = 0x20
 # the WAL reader's.
 from walredod.wal import (  # noqa: E402
     RECORD_HEADER_LAYOUT as RECORD_HEADER,
-    BKPBLOCK_HAS_DATA, BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPBLOCK_WILL_INIT, BKPIMAGE_APPLY, BKPIMAGE_HAS_HOLE,
+    BKPBLOCK_HAS_DATA, BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPBLOCK_WILL_INIT, BKPIMAGE_APPLY, BKPIMAGE_COMPRESSION,
+    BKPIMAGE_HAS_HOLE,
     XLR_BLOCK_ID_DATA_LONG, XLR_BLOCK_ID_DATA_SHORT, seal_record,
 )
 
@@ -71,6 +72,34 @@ def page_hole(page: bytes) -> tuple[int, int]:
     return 0, 0
 
 
+def pglz_literals(data: bytes) -> bytes:
+    """``data`` as a pglz stream of literals only: a control byte of zero bits before every eight bytes."""
+    return b"".join(b"\x00" + data[i:i + 8] for i in range(0, len(data), 8))
+
+
+def lz4_block_literals(data: bytes) -> bytes:
+    """``data`` as one LZ4 block (no frame, as LZ4_compress_default writes) holding a single literals-only
+    sequence: a token with the literal length (15 means more follows in bytes of 255 and a last byte below 255)."""
+    head = bytes([min(len(data), 15) << 4])
+    if len(data) >= 15:
+        rest = len(data) - 15
+        head += b"\xff" * (rest // 255) + bytes([rest % 255])
+    return head + data
+
+
+def zstd_frame_raw(data: bytes) -> bytes:
+    """``data`` as a zstd frame (as ZSTD_compress writes) of one raw block: magic, a frame header saying
+    single segment with a 2-byte content size (stored minus 256), then the last block's 3-byte header (raw type)."""
+    if not 256 <= len(data) <= 65535 + 256:
+        raise ValueError("this frame layout holds 256 to 65791 bytes")
+    frame_header = bytes([0x60]) + struct.pack("<H", len(data) - 256)  # content size flag 1, single segment
+    block_header = (len(data) << 3 | 1).to_bytes(3, "little")  # last block, raw
+    return struct.pack("<I", 0xFD2FB528) + frame_header + block_header + data
+
+
+IMAGE_COMPRESSORS = {"pglz": pglz_literals, "lz4": lz4_block_literals, "zstd": zstd_frame_raw}
+
+
 @dataclass(frozen=True)
 class BlockRef:
     """One block reference of a record: the block, optionally its page image and rmgr-specific data."""
@@ -81,6 +110,8 @@ class BlockRef:
     apply: bool = True  # BKPIMAGE_APPLY: redo restores the image (not just kept for consistency checks)
     data: bytes = b""
     will_init: bool = False
+    compression: str | None = None  # "pglz", "lz4" or "zstd": the image as that method's stream (IMAGE_COMPRESSORS)
+    compressed_image: bytes | None = None  # the compressed bytes to write instead (corrupt ones, say)
 
 
 def _block_header(block_id: int, ref: BlockRef, previous: BufferTag | None) -> tuple[bytes, bytes]:
@@ -102,8 +133,17 @@ def _block_header(block_id: int, ref: BlockRef, previous: BufferTag | None) -> t
         hole_offset, hole_length = page_hole(ref.image) if ref.hole else (0, 0)
         bimg_info = (BKPIMAGE_APPLY if ref.apply else 0) | (BKPIMAGE_HAS_HOLE if hole_length else 0)
         payload = ref.image[:hole_offset] + ref.image[hole_offset + hole_length:] if hole_length else ref.image
-        # Uncompressed: no XLogRecordBlockCompressHeader, the hole length is BLCKSZ - length.
-        image_header = struct.pack("<HHB", len(payload), hole_offset, bimg_info)
+        if ref.compression is None:
+            # Uncompressed: no XLogRecordBlockCompressHeader, the hole length is BLCKSZ - length.
+            image_header = struct.pack("<HHB", len(payload), hole_offset, bimg_info)
+        else:
+            # Compressed: the stream stands for the page less its hole; a hole's length follows the header.
+            bimg_info |= {name: bit for bit, name in BKPIMAGE_COMPRESSION.items()}[ref.compression]
+            payload = (ref.compressed_image if ref.compressed_image is not None
+                       else IMAGE_COMPRESSORS[ref.compression](payload))
+            image_header = struct.pack("<HHB", len(payload), hole_offset, bimg_info)
+            if hole_length:
+                image_header += struct.pack("<H", hole_length)
     if len(ref.data) > 0xFFFF:
         raise ValueError("block data is limited to 65535 bytes")
     header = struct.pack("<BBH", block_id, fork_flags, len(ref.data)) + image_header

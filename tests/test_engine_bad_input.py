@@ -22,6 +22,7 @@ from records import (
     RM_XLOG_ID,
     XLOG_FPI,
     XLOG_FPI_FOR_HINT,
+    IMAGE_COMPRESSORS,
     BlockRef,
     expected_after_fpi,
     fpi_record,
@@ -167,6 +168,62 @@ def test_malformed_record_with_a_correct_crc(engine):
     record[24 + 4 + 4] |= 0x01  # BKPIMAGE_HAS_HOLE, hole offset 0 and a BLCKSZ-long image
     with pytest.raises(InvalidRequest, match="malformed: BKPIMAGE_HAS_HOLE set"):
         engine.redo(TAG, END_LSN, None, [WalRecord(END_LSN, with_crc(bytes(record)))])
+    assert_serves(engine)
+
+
+# --- full-page images ------------------------------------------------------------------------------------------
+
+COMPRESSIONS = sorted(IMAGE_COMPRESSORS)
+
+
+@pytest.mark.parametrize("hole", [False, True], ids=["whole-page", "with-hole"])
+@pytest.mark.parametrize("method", COMPRESSIONS)
+def test_compressed_images_are_restored(engine, method, hole):
+    """The child decompresses the target's image itself (one context for its life): every method gives the page,
+    with the hole zero-filled."""
+    tag = TAG._replace(blkno=70)
+    record = make_record(RM_XLOG_ID, XLOG_FPI, [BlockRef(tag, IMAGE, hole=hole, compression=method)])
+    assert engine.redo(tag, END_LSN, None, [WalRecord(END_LSN, record)]) == expected_after_fpi(IMAGE, END_LSN, hole)
+
+
+@pytest.mark.parametrize("method", COMPRESSIONS)
+def test_other_blocks_images_do_not_reach_the_target(engine, method):
+    """An image of another block in the same record (here one that would not even decompress) changes nothing on
+    the target: the other block's page is thrown away, so its image is not decompressed at all."""
+    tag = TAG._replace(blkno=71)
+    other = BlockRef(TAG._replace(blkno=72), IMAGE, compression=method, compressed_image=b"\xff" * 40)
+    record = make_record(RM_XLOG_ID, XLOG_FPI, [BlockRef(tag, IMAGE, compression=method), other])
+    assert engine.redo(tag, END_LSN, None, [WalRecord(END_LSN, record)]) == expected_after_fpi(IMAGE, END_LSN)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "one-byte-short"])
+@pytest.mark.parametrize("method", COMPRESSIONS)
+def test_image_that_does_not_decompress_is_refused(engine, method, damage):
+    """A target image that is not a valid stream of its method, or stands for fewer bytes than the page less its
+    hole, is refused before redo (PostgreSQL would restore what it got and leave the rest of the page to chance):
+    InvalidRequest naming the block, and the same child serves on."""
+    tag = TAG._replace(blkno=73)
+    stream = IMAGE_COMPRESSORS[method](IMAGE)
+    stream = {"truncated": stream[:-100], "garbage": b"\xff" * 40,
+              "one-byte-short": IMAGE_COMPRESSORS[method](IMAGE[:-1])}[damage]
+    record = make_record(RM_XLOG_ID, XLOG_FPI, [BlockRef(tag, IMAGE, compression=method, compressed_image=stream)])
+    message = encode_request(tag, None, [WalRecord(END_LSN, record)])
+    raw_call(engine, message, InvalidRequest, rf"image of block 0 of the record at end LSN 3/28 does not "
+                                              rf"decompress \({method}\) to the {BLCKSZ} bytes", refused=True)
+    assert_serves(engine)
+
+
+def test_image_whose_hole_runs_past_the_page_is_refused(engine):
+    """An uncompressed image whose hole starts past its own bytes would be restored past the end of the page's
+    buffer (the WAL reader checks the hole's flags, not where it ends): refused, the child stays."""
+    tag = TAG._replace(blkno=74)
+    record = bytearray(make_record(RM_XLOG_ID, XLOG_FPI, [BlockRef(tag, IMAGE, hole=True)]))
+    image_header = 24 + 4  # record header, then block 0's id, fork_flags and data length
+    bimg_len, hole_offset, bimg_info = struct.unpack_from("<HHB", record, image_header)
+    assert bimg_info & 0x01 and bimg_len < BLCKSZ  # BKPIMAGE_HAS_HOLE: the hole is BLCKSZ - bimg_len long
+    struct.pack_into("<H", record, image_header + 2, BLCKSZ - 8)
+    message = encode_request(tag, None, [WalRecord(END_LSN, with_crc(bytes(record)))])
+    raw_call(engine, message, InvalidRequest, "has a hole .* past the end of the page", refused=True)
     assert_serves(engine)
 
 

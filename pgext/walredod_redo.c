@@ -453,7 +453,7 @@ check_tag_is_target(const char *p, char msgtype)
 }
 
 static void start_target(RelFileNode rnode, ForkNumber fork,
-						 BlockNumber blkno);
+						 BlockNumber blkno, const char *image);
 static void load_target_image(const char *image);
 
 /* The block a 'B' message names. */
@@ -481,12 +481,16 @@ begin_redo(const char *body, uint32 len)
 	/* A request the client abandoned without 'G' ends here. */
 	if (target.active)
 		finish_request();
-	start_target(rnode, fork, blkno);
+	start_target(rnode, fork, blkno, NULL);
 }
 
-/* Start rebuilding a block: it exists as zeros until a base image fills it. */
+/*
+ * Start rebuilding a block from its base image, or from zeros when 'image'
+ * is NULL (until a 'P' fills it, on the pipe without error replies).
+ */
 static void
-start_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
+start_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno,
+			 const char *image)
 {
 	Buffer		buf;
 
@@ -508,7 +512,13 @@ start_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 	open_scratch_rel(scratch_rnode);
 	buf = ReadBufferWithoutRelcache(scratch_rnode, target.fork, target.blkno,
 									RBM_ZERO_AND_LOCK, NULL, true);
-	MemSet(BufferGetPage(buf), 0, BLCKSZ);
+	if (image != NULL)
+	{
+		memcpy(BufferGetPage(buf), image, BLCKSZ);
+		MarkBufferDirty(buf);
+	}
+	else
+		MemSet(BufferGetPage(buf), 0, BLCKSZ);
 	UnlockReleaseBuffer(buf);
 	target.buffer = buf;
 }
@@ -1144,9 +1154,7 @@ refusal_of_request(RedoRequest *req, void (*prepare) (RedoRequest *req, int arg)
 void
 run_redo_request(const RedoRequest *req, char *page)
 {
-	start_target(req->rnode, req->fork, req->blkno);
-	if (req->image != NULL)
-		load_target_image(req->image);
+	start_target(req->rnode, req->fork, req->blkno, req->image);
 	for (int i = 0; i < req->nrecords; i++)
 	{
 		XLogRecPtr	end_lsn = req->records[i].end_lsn;

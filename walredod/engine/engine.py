@@ -95,6 +95,7 @@ class RedoEngine:
         self._spare: RedoChild | None = None
         self._spare_wanted = False
         self._dead: list[RedoChild] = []  # killed children not yet reaped
+        self._unlogged_deaths: list[tuple[int, str]] = []  # (pid, cause) of deaths found on a request's path
         self._closed = False
         # The local data path (docs/local-data-path.md): every child of ours inherits this listening socket and
         # serves clients on it directly; the engine only watches (watch_children) and counts (local_counters).
@@ -232,8 +233,9 @@ class RedoEngine:
                 self.stats.errors += 1
                 raise refusal.error from None
             except ChildGone:
-                # Died while idle: it never saw this request, so the next child may serve it.
-                self._child_died(child, "died idle")
+                # Died while idle: it never saw this request, so the next child may serve it. Its log line waits
+                # until the dead are buried, off this request's path: writing it costs more than the spare's answer.
+                self._child_died(child, "died idle", log_now=False)
                 last = child
                 continue
             except ChildDied as death:
@@ -244,9 +246,12 @@ class RedoEngine:
         self.stats.errors += 1
         raise last.death_error()
 
-    def _child_died(self, child: RedoChild, cause: str) -> None:
+    def _child_died(self, child: RedoChild, cause: str, log_now: bool = True) -> None:
         """Forget a dead (or hung) child. It is reaped and its datadir removed later, off the request's path."""
-        log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
+        if log_now:
+            log.warning("%s: redo child %d ended (%s); the spare takes over", self.name, child.pid, cause)
+        else:
+            self._unlogged_deaths.append((child.pid, cause))
         self.stats.restarts[cause] = self.stats.restarts.get(cause, 0) + 1
         if cause != "died idle":  # an idle child that hung up is already dead; reaping it can wait
             child.kill()
@@ -257,6 +262,9 @@ class RedoEngine:
             self._spare = None
 
     def _bury_dead(self) -> None:
+        for pid, cause in self._unlogged_deaths:
+            log.warning("%s: redo child %d ended (%s); the spare took over", self.name, pid, cause)
+        self._unlogged_deaths.clear()
         for child in self._dead:
             child.close()
             self._release_datadir(child)

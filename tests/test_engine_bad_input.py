@@ -363,19 +363,24 @@ def assert_fresh_spare_after_takeover(engine: RedoEngine, old: set[int]) -> None
     assert Path(f"/proc/{engine.spare_pid}").exists()
 
 
-def test_child_killed_while_idle_is_replaced_transparently(engine):
-    """SIGKILL to an idle child: the next request is served by the spare without an error."""
+def test_child_killed_while_idle_is_replaced_transparently(engine, caplog):
+    """SIGKILL to an idle child: the next request is served by the spare without an error. The death is logged
+    when the dead are buried (the next start_spare, the worker's idle step), not on the request's path."""
     engine.start_spare()
     victim, spare = engine.child_pid, engine.spare_pid
     assert spare is not None
     errors, idle = engine.stats.errors, engine.stats.restarts.get("died idle", 0)
     os.kill(victim, signal.SIGKILL)
     wait_until_dead(victim)
+    caplog.set_level("WARNING", logger="walredod.engine.engine")
     assert_serves(engine)
+    said = f"redo child {victim} ended (died idle)"
+    assert said not in caplog.text
     assert engine.child_pid == spare
     assert engine.stats.errors == errors
     assert engine.stats.restarts["died idle"] == idle + 1
     assert_fresh_spare_after_takeover(engine, {victim, spare})
+    assert said in caplog.text
     assert not Path(f"/proc/{victim}").exists()  # reaped
 
 

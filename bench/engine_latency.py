@@ -3,6 +3,7 @@
 
     python3 bench/engine_latency.py [--iterations 3000] [--json bench/results/engine_latency.json]
     python3 bench/engine_latency.py --sandbox-compare [--rounds 3]   # the redo child's sandbox on against off
+    python3 bench/engine_latency.py --against-extension OLD.so [--rounds 3]   # this build against another
 
 Requests are real page histories from the ground-truth scenario (tests/groundtruth): a page image at the first
 cut, then the first N records of that page's history after the cut, for N in 1, 2, 10, 100 and 227; "ping" is the
@@ -15,6 +16,12 @@ side by side:
 
 Time inside the child comes from the child's own clock: at exit it prints how many requests it served and how many
 nanoseconds it spent between their first byte and their reply.
+
+--against-extension OLD.so measures this build of the redo child against another one (an earlier commit's, say:
+`git worktree add /tmp/old <commit> && make -C /tmp/old/pgext`), side by side: the held-out request sample shipped
+with the package (walredod/tools/data; no PostgreSQL server needed), caller and child on one CPU, the two builds
+alternating for --rounds rounds; for each request set, the median over rounds of the round-trip p50 and of the
+child's CPU per request (its time on CPU from /proc/<pid>/schedstat, kernel time included), and the ratio new/old.
 
 --sandbox-compare measures the cost of the redo child's sandbox (engine.sandbox = "required" against "off"): the
 "one CPU" placement, alternating the two settings for --rounds rounds (so drift on a shared machine hits both), and
@@ -43,6 +50,7 @@ from walredod.engine import RedoEngine  # noqa: E402
 from groundtruth.cluster import read_page  # noqa: E402
 from groundtruth.scenario import build_scenario  # noqa: E402
 from walredod.ingest import page_histories  # noqa: E402
+from walredod.tools.benchmark import read_sample  # noqa: E402
 from walredod.wal import WalReader  # noqa: E402
 
 RECORD_COUNTS = (1, 2, 10, 100, 227)
@@ -280,6 +288,61 @@ def print_sandbox_report(report: dict) -> None:
           f"on/off {start['ratio']:.3f}")
 
 
+def child_cpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` has spent on a CPU (the scheduler's own count, kernel time included)."""
+    with open(f"/proc/{pid}/schedstat") as stat:
+        return int(stat.read().split()[0])
+
+
+def compare_builds(old_extension: Path, data_dir: Path, rounds: int, cpu: int) -> dict:
+    """This build of the redo child against ``old_extension`` on the shipped request sample, one CPU."""
+    sample = read_sample()
+    sets = {"short": (sample["short"], 3000),
+            "natural": (sample["natural-heap-btree"] + sample["natural-index"], 600),
+            "medium": (sample["medium"], 150)}
+    os.sched_setaffinity(0, {cpu})
+    builds = {"old": old_extension, "new": None}
+    samples = {build: {name: {"p50_us": [], "child_cpu_us": []} for name in sets} for build in builds}
+    engines = {build: RedoEngine(data_dir=data_dir / build, extension_path=path, keep_spare=False)
+               for build, path in builds.items()}
+    try:
+        for engine in engines.values():
+            time_requests(engine, sets["short"][0], 300)
+        for _ in range(rounds):
+            for name, (requests, iterations) in sets.items():
+                for build, engine in engines.items():
+                    before = child_cpu_ns(engine.child_pid)
+                    latencies = time_requests(engine, requests, iterations)
+                    cpu_ns = child_cpu_ns(engine.child_pid) - before
+                    samples[build][name]["p50_us"].append(percentile(latencies, 0.5))
+                    samples[build][name]["child_cpu_us"].append(cpu_ns / iterations / 1000)
+    finally:
+        for engine in engines.values():
+            engine.close()
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+    rows = {}
+    for name, (requests, _) in sets.items():
+        row = {"records_per_request": round(statistics.mean(len(r[3]) for r in requests), 1)}
+        for build in builds:
+            for measure in ("p50_us", "child_cpu_us"):
+                row[f"{build}_{measure}"] = round(statistics.median(samples[build][name][measure]), 2)
+        for measure in ("p50_us", "child_cpu_us"):
+            row[f"ratio_{measure}"] = round(row[f"new_{measure}"] / row[f"old_{measure}"], 3)
+        rows[name] = row
+    return {"old_extension": str(old_extension), "cpu": cpu, "rounds": rounds, "sets": rows}
+
+
+def print_builds_report(report: dict) -> None:
+    print(f"this build against {report['old_extension']}: caller and child on CPU {report['cpu']}, "
+          f"medians of {report['rounds']} alternating rounds")
+    print(f"  {'requests':<9} {'records':>7} {'old p50 µs':>11} {'new p50 µs':>11} {'new/old':>8} "
+          f"{'old child CPU µs':>17} {'new child CPU µs':>17} {'new/old':>8}")
+    for name, row in report["sets"].items():
+        print(f"  {name:<9} {row['records_per_request']:>7} {row['old_p50_us']:>11.1f} {row['new_p50_us']:>11.1f} "
+              f"{row['ratio_p50_us']:>8.3f} {row['old_child_cpu_us']:>17.2f} {row['new_child_cpu_us']:>17.2f} "
+              f"{row['ratio_child_cpu_us']:>8.3f}")
+
+
 def print_report(report: dict) -> None:
     print(f"\nmachine: {report['machine']}")
     for placement in report["placements"]:
@@ -301,10 +364,14 @@ def main() -> int:
                         help="default: bench/results/engine_latency.json (engine_sandbox.json with --sandbox-compare)")
     parser.add_argument("--sandbox-compare", action="store_true",
                         help="only the cost of the redo child's sandbox: on against off, side by side")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds with --sandbox-compare")
+    parser.add_argument("--against-extension", type=Path, default=None, metavar="OLD.so",
+                        help="only this build of the redo child against another, side by side on the request sample")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds with --sandbox-compare or --against-extension")
     args = parser.parse_args()
     if args.json is None:
-        name = "engine_sandbox.json" if args.sandbox_compare else "engine_latency.json"
+        name = ("engine_sandbox.json" if args.sandbox_compare else
+                "engine_builds.json" if args.against_extension else "engine_latency.json")
         args.json = Path("bench/results") / name
     logging.basicConfig(level=logging.WARNING)
     catcher = ChildStatsCatcher()
@@ -315,9 +382,17 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="walredod-bench-"))
     os.chmod(workdir, 0o755)
     data_dir = workdir / "engine"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.release()}"
+    if args.against_extension:
+        report = {"machine": machine, "builds": compare_builds(args.against_extension.resolve(), data_dir,
+                                                               args.rounds, sorted(os.sched_getaffinity(0))[0])}
+        print_builds_report(report["builds"])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {args.json}")
+        return 0
     by_count, info = build_requests(workdir / "scenario")
     cpus = sorted(os.sched_getaffinity(0))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.release()}"
     if args.sandbox_compare:
         report = {"machine": machine, "workload": info, "iterations": args.iterations,
                   "sandbox_compare": compare_sandbox(by_count, data_dir, args.iterations, catcher, cpus[0],

@@ -71,7 +71,10 @@ _U32_MAX = 0xFFFFFFFF
 
 
 def _u32(*values: int) -> bool:
-    return all(isinstance(v, int) and 0 <= v <= _U32_MAX for v in values)
+    for v in values:  # a loop, not all() over a generator: this runs for every request a client sends
+        if not (isinstance(v, int) and 0 <= v <= _U32_MAX):
+            return False
+    return True
 
 
 def check_tag(tag) -> None:

@@ -81,20 +81,32 @@ class Call:
 
 
 class Flight:
-    """A message in flight, one request or a batch: each request's call and place in it, by request id; the frames
-    (kept for a re-send); where it went (a worker, or None: the supervisor); when it is given up on."""
+    """A message in flight, one request or a batch (more than one member): each request's call and place in it, by
+    request id; its frames; where it went (a worker, or None: the supervisor); when it is given up on."""
 
-    __slots__ = ("message_id", "frames", "worker", "members", "timeout", "sent_at", "deadline")
+    __slots__ = ("message_id", "_frames", "worker", "members", "timeout", "sent_at", "deadline")
 
-    def __init__(self, message_id: int, frames: list, worker: DirectWorker | None, members: dict, timeout: float,
+    def __init__(self, message_id: int, worker: DirectWorker | None, members: dict, timeout: float,
                  sent_at: float):
         self.message_id = message_id
-        self.frames = frames
+        self._frames: list | None = None
         self.worker = worker
         self.members: dict[int, tuple[Call, int]] = members
         self.timeout = timeout
         self.sent_at = sent_at
         self.deadline = sent_at + timeout + TRANSPORT_MARGIN
+
+    @property
+    def frames(self) -> list:
+        """The message in the client protocol's frames, encoded when first asked for: a flight the local data path
+        carries (in its own encoding) needs them only if it is re-sent over ZeroMQ."""
+        if self._frames is None:
+            encode = protocol.encode_redo_request
+            requests = [encode(request_id, *call.requests[index], call.timeout_ms)
+                        for request_id, (call, index) in self.members.items()]
+            self._frames = (requests[0] if len(requests) == 1 else
+                            protocol.encode_batch(self.message_id, requests, max(1, int(self.timeout * 1000))))
+        return self._frames
 
 
 def check_request(tag, base_image: bytes | None) -> None:
@@ -322,24 +334,21 @@ class ClientCore:
     def _route(self, now: float) -> None:
         directory = self.directory if self.directory is not None and self.directory.usable() else None
         choose = directory.choose if directory is not None else None
-        encode, routing_key, ids = protocol.encode_redo_request, protocol.routing_key, self._ids
+        routing_key, ids = protocol.routing_key, self._ids
         flights, outbox, queue = self._flights, self._outbox, self._queue
         batch_size = self.batch_size
         batches: dict[DirectWorker, Flight] = {}
         while queue and self.in_flight < self.window:
             call = queue[0]
-            requests, timeout, timeout_ms = call.requests, call.timeout, call.timeout_ms
+            requests, timeout = call.requests, call.timeout
             deadline = now + timeout + TRANSPORT_MARGIN
             start = call.position
             end = min(len(requests), start + self.window - self.in_flight)
             for index in range(start, end):
-                tag, lsn, base, records = requests[index]
                 request_id = next(ids)
-                frames = encode(request_id, tag, lsn, base, records, timeout_ms)
-                worker = choose(routing_key(tag)) if choose is not None else None
+                worker = choose(routing_key(requests[index][0])) if choose is not None else None
                 if worker is None:
-                    flight = flights[request_id] = Flight(request_id, frames, None, {request_id: (call, index)},
-                                                          timeout, now)
+                    flight = flights[request_id] = Flight(request_id, None, {request_id: (call, index)}, timeout, now)
                     outbox.append(flight)
                     continue
                 batch = batches.get(worker)
@@ -347,11 +356,10 @@ class ClientCore:
                     self._close_batch(batches.pop(worker), now)
                     batch = None
                 if batch is None:
-                    batches[worker] = Flight(0, [frames], worker, {request_id: (call, index)}, timeout, now)
+                    batches[worker] = Flight(0, worker, {request_id: (call, index)}, timeout, now)
                 else:
-                    batch.frames.append(frames)
                     batch.members[request_id] = (call, index)
-                    if len(batch.frames) == batch_size:
+                    if len(batch.members) == batch_size:
                         self._close_batch(batches.pop(worker), now)
             self.in_flight += end - start
             call.position = end
@@ -364,13 +372,10 @@ class ClientCore:
 
     def _close_batch(self, flight: Flight, now: float) -> None:
         """A worker's requests as one message (a lone request as itself), in the air from now."""
-        if len(flight.frames) == 1:
+        if len(flight.members) == 1:
             flight.message_id = next(iter(flight.members))
-            flight.frames = flight.frames[0]
         else:
             flight.message_id = next(self._ids)
-            flight.frames = protocol.encode_batch(flight.message_id, flight.frames,
-                                                  max(1, int(flight.timeout * 1000)))
         self._flights[flight.message_id] = flight
         self._outbox.append(flight)
         if now + DIRECT_CHECK_INTERVAL < self._check_due:

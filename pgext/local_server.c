@@ -742,7 +742,7 @@ local_server_serve_until_stdin(void)
 				timeout = 0;
 		}
 
-		n = poll(pollfds, nconnections + 2, timeout);
+		n = poll_spinning(pollfds, nconnections + 2, timeout);
 		if (n < 0)
 		{
 			if (errno == EINTR)

@@ -39,6 +39,8 @@
  */
 #include "postgres.h"
 
+#include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -161,6 +163,7 @@ static int	walredod_wal_format = WAL_FORMAT_VANILLA;
 #define PIPE_REPLY_INVALID	1	/* the request is wrong */
 #define PIPE_REPLY_INTERNAL 2	/* refused for a reason of ours */
 static bool walredod_pipe_error_replies = false;
+static int	walredod_spin_wait_us = 0;
 static XLogRecPtr wal_insert_at_start;
 
 static void serve(void) pg_attribute_noreturn();
@@ -1519,6 +1522,38 @@ fill_input(size_t want, bool at_message_start)
 	return true;
 }
 
+/*
+ * poll(), but a wait for input first polls without blocking, giving the CPU
+ * to whoever wants it in between, for up to walredod.spin_wait_us.  A peer on
+ * another CPU then finds us awake: waking a process whose CPU went idle costs
+ * more than a short request on these VMs.  A peer on our own CPU runs when we
+ * yield, so spinning costs it little.
+ */
+int
+poll_spinning(struct pollfd *fds, nfds_t nfds, int timeout)
+{
+	if (timeout != 0 && walredod_spin_wait_us > 0)
+	{
+		struct timespec start;
+		struct timespec now;
+
+		clock_gettime(CLOCK_MONOTONIC, &start);
+		for (;;)
+		{
+			int			n = poll(fds, nfds, 0);
+
+			if (n != 0)
+				return n;
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			if ((now.tv_sec - start.tv_sec) * 1000000 +
+				(now.tv_nsec - start.tv_nsec) / 1000 >= walredod_spin_wait_us)
+				break;
+			sched_yield();
+		}
+	}
+	return poll(fds, nfds, timeout);
+}
+
 static void
 exit_on_eof(void)
 {
@@ -1547,9 +1582,21 @@ serve(void)
 		uint32		bodylen;
 		const char *body;
 
-		/* Between requests on stdin, serve local clients until it has more. */
+		/*
+		 * Between requests on stdin, serve local clients until it has more
+		 * (or, without any, wait for it spinning first).
+		 */
 		if (!target.active && inbuf_end == inbuf_start)
-			local_server_serve_until_stdin();
+		{
+			if (local_server_listen_fd() >= 0)
+				local_server_serve_until_stdin();
+			else if (walredod_spin_wait_us > 0)
+			{
+				struct pollfd stdin_fd = {.fd = STDIN_FILENO,.events = POLLIN};
+
+				poll_spinning(&stdin_fd, 1, -1);
+			}
+		}
 		if (!fill_input(MSG_HEADER_LEN, true))
 			exit_on_eof();
 		msgtype = inbuf[inbuf_start];
@@ -1744,6 +1791,14 @@ _PG_init(void)
 							 PGC_SU_BACKEND,
 							 0,
 							 NULL, NULL, NULL);
+	DefineCustomIntVariable("walredod.spin_wait_us",
+							"Microseconds a wait for the next request polls before it sleeps.",
+							"A client on another CPU then finds the child awake (0: sleep at once).",
+							&walredod_spin_wait_us,
+							0, 0, 1000000,
+							PGC_SU_BACKEND,
+							0,
+							NULL, NULL, NULL);
 	local_server_define_gucs();
 	walredod_sandbox_define_gucs();
 	MarkGUCPrefixReserved("walredod");

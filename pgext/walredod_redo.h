@@ -11,6 +11,8 @@
 #ifndef WALREDOD_REDO_H
 #define WALREDOD_REDO_H
 
+#include <poll.h>
+
 #include "access/xlogdefs.h"
 #include "common/relpath.h"
 #include "storage/block.h"
@@ -53,6 +55,7 @@ get_u64(const char *p)
 }
 
 /* walredod_redo.c */
+extern int	poll_spinning(struct pollfd *fds, nfds_t nfds, int timeout);
 extern bool is_invalid_request_sqlstate(int sqlerrcode);
 extern void check_redo_request(const RedoRequest *req);
 extern ErrorData *refusal_of_request(RedoRequest *req,

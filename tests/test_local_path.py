@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import struct
 import threading
 import time
@@ -426,3 +427,34 @@ def test_client_gives_up_on_a_stopped_child_at_its_timeout(daemon, real_requests
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         assert client.redo(tag, lsn, base, records) == expected
+
+
+@pytest.mark.parametrize("spin_wait", [0.0, 0.001], ids=["sleeps-at-once", "spins-first"])
+@pytest.mark.parametrize("delay", [0.0, 0.05], ids=["reply-waiting", "reply-after-the-spin"])
+def test_a_connection_reads_replies_whether_or_not_it_spins(tmp_path, spin_wait, delay):
+    """A blocking connection polls without sleeping for its spin wait, then sleeps: a reply that is already there,
+    or comes only after the spin wait, is read either way; a child's closing is seen either way."""
+    path = str(tmp_path / "slot.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    connection = local.LocalConnection(path, spin_wait=spin_wait)
+    child_side, _ = listener.accept()
+    reply = local.REPLY_HEADER.pack(local.MAGIC, local.VERSION, protocol.STATUS_OK, 4, 7) + b"page"
+
+    def answer():
+        time.sleep(delay)
+        child_side.sendall(reply)
+        time.sleep(delay)
+        child_side.close()
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    try:
+        assert connection.read_replies(time.monotonic() + 10) == [(7, protocol.STATUS_OK, b"page")]
+        with pytest.raises(local.ConnectionLost, match="closed the connection"):
+            connection.read_replies(time.monotonic() + 10)
+    finally:
+        answering.join()
+        connection.close()
+        listener.close()

@@ -61,8 +61,11 @@ class RedoChild:
     """A running redo child with pipes to its stdin/stdout; its stderr goes to logging."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | None, popen_kwargs: dict, name: str,
-                 board: Board | None = None, pass_fds: tuple[int, ...] = (), error_replies: bool = False):
+                 board: Board | None = None, pass_fds: tuple[int, ...] = (), error_replies: bool = False,
+                 spin_wait: float = 0.0):
+        """``spin_wait``: seconds a wait for a reply polls without sleeping first (EngineSettings.spin_wait_us)."""
         self.name = name
+        self._spin_wait = spin_wait
         self.error_replies = error_replies  # replies start with a status byte; refusals are answered
         self.board = board  # the local data path's shared state, when the child serves it
         self.started_at = time.monotonic()
@@ -178,7 +181,7 @@ class RedoChild:
         got = 0
         while got < size:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poll.poll(remaining * 1000):
+            if remaining <= 0 or not self._readable_within(remaining):
                 self.kill()
                 raise ChildDied(RedoTimeout(f"redo child {self.pid} gave no answer within {timeout:g} s"))
             chunk = os.read(self._stdout, size - got)
@@ -189,6 +192,20 @@ class RedoChild:
             if at_least is not None and got >= at_least and chunks[0][0] != _REPLY_OK:
                 break  # a refusal: its length says how much follows
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _readable_within(self, timeout: float) -> bool:
+        """Whether the child's stdout has something to read within ``timeout`` seconds: polled without sleeping
+        (yielding the CPU in between) for up to the spin wait, then waited for."""
+        poll = self._poll.poll
+        if self._spin_wait:
+            give_up = time.monotonic() + min(self._spin_wait, timeout)
+            while not poll(0):
+                if time.monotonic() >= give_up:
+                    break
+                os.sched_yield()
+            else:
+                return True
+        return bool(poll(timeout * 1000))
 
     # --- life and death -----------------------------------------------------------------------------------------
 

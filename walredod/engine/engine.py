@@ -363,7 +363,8 @@ class RedoEngine:
                     "-c", f"walredod.source_logs_hint_bits={'on' if self.settings.source_logs_hint_bits else 'off'}",
                     "-c", f"walredod.wal_format={self.settings.wal_format}",
                     "-c", f"walredod.sandbox={self.settings.sandbox}",
-                    "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}"]
+                    "-c", f"walredod.sandbox_address_space_mb={self.settings.child_address_space_mb}",
+                    "-c", f"walredod.spin_wait_us={self.settings.spin_wait_us}"]
             for guc in (*_CHILD_GUCS, *self._child_gucs):
                 argv += ["-c", guc]
             if self._local_listener is not None:
@@ -378,7 +379,8 @@ class RedoEngine:
             cwd = datadir
         try:
             child = RedoChild(argv, env=env, cwd=cwd, popen_kwargs=self._run_as.popen_kwargs(), name=self.name,
-                              board=board, pass_fds=pass_fds, error_replies=self.settings.kind == "vanilla")
+                              board=board, pass_fds=pass_fds, error_replies=self.settings.kind == "vanilla",
+                              spin_wait=self.settings.spin_wait_us / 1e6)
         except Unavailable:
             if datadir is not None:
                 self._remove_datadir(datadir)

@@ -87,15 +87,16 @@ def decode_replies(buffer: bytearray) -> tuple[list[tuple[int, int, bytes]], int
     Raises ConnectionLost for bytes that are not a reply (the stream cannot be trusted any more)."""
     replies = []
     position, end = 0, len(buffer)
-    while end - position >= _REPLY_HEADER_LEN:
-        magic, version, status, body_len, request_id = _unpack_reply(buffer, position)
-        if magic != MAGIC or version != VERSION:
-            raise ConnectionLost(f"not a local-path reply: {bytes(buffer[position:position + 4])!r}")
-        stop = position + _REPLY_HEADER_LEN + body_len
-        if stop > end:
-            break
-        replies.append((request_id, status, bytes(buffer[position + _REPLY_HEADER_LEN:stop])))
-        position = stop
+    with memoryview(buffer) as view:  # a body is copied once, out of the view (a slice of the buffer would be twice)
+        while end - position >= _REPLY_HEADER_LEN:
+            magic, version, status, body_len, request_id = _unpack_reply(buffer, position)
+            if magic != MAGIC or version != VERSION:
+                raise ConnectionLost(f"not a local-path reply: {bytes(buffer[position:position + 4])!r}")
+            stop = position + _REPLY_HEADER_LEN + body_len
+            if stop > end:
+                break
+            replies.append((request_id, status, bytes(view[position + _REPLY_HEADER_LEN:stop])))
+            position = stop
     return replies, position
 
 

@@ -53,7 +53,7 @@ class Router:
             if len(self._ranking_cache) > 100_000:
                 self._ranking_cache.clear()
             self._ranking_cache[key] = ranking
-        total = sum(load(slot) for slot in slots) + weight
+        total = sum(map(load, slots)) + weight
         bound = max(1, math.ceil((1 + self.spill_factor) * total / len(slots)))
         fallback = None
         for slot in ranking:

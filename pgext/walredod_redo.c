@@ -379,6 +379,28 @@ static char *image_arena;
 static size_t image_arena_size;
 
 /*
+ * The first record of a request worth replaying: the last one that restores
+ * a full image of the target, as nothing before it can change the result
+ * (0 when none does).  Only that record's images of the target then need
+ * decompressing, so a request of many tiny compressed images cannot make the
+ * child hold a page for each.
+ */
+static int
+first_record_to_replay(DecodedXLogRecord **records, int nrecords)
+{
+	for (int i = nrecords - 1; i > 0; i--)
+		for (int id = 0; id <= records[i]->max_block_id; id++)
+		{
+			DecodedBkpBlock *blk = &records[i]->blocks[id];
+
+			if (blk->in_use && blk->apply_image &&
+				is_target(blk->rnode, blk->forknum, blk->blkno))
+				return i;
+		}
+	return 0;
+}
+
+/*
  * Make the images redo will restore ready, before redo runs: the target's
  * checked and, when compressed, decompressed into image_arena; the other
  * blocks' blanked (block_images.c says why).  Images not to be applied are
@@ -1018,6 +1040,7 @@ static char *checked_arena;
 static size_t checked_arena_size;
 static DecodedXLogRecord **checked_records;
 static int	checked_records_size;
+static int	checked_first_replayed;	/* first_record_to_replay of them */
 
 /* Arenas larger than this are given back after their request. */
 #define CHECKED_ARENA_KEEP	(8 * 1024 * 1024)
@@ -1117,7 +1140,10 @@ check_redo_request(const RedoRequest *req)
 		check_record_blocks(record);
 		checked_records[i] = record;
 	}
-	prepare_block_images(checked_records, req->nrecords);
+	checked_first_replayed = first_record_to_replay(checked_records,
+													req->nrecords);
+	prepare_block_images(checked_records + checked_first_replayed,
+						 req->nrecords - checked_first_replayed);
 	MemoryContextReset(redo_context);
 }
 
@@ -1158,7 +1184,7 @@ void
 run_redo_request(const RedoRequest *req, char *page)
 {
 	start_target(req->rnode, req->fork, req->blkno, req->image);
-	for (int i = 0; i < req->nrecords; i++)
+	for (int i = checked_first_replayed; i < req->nrecords; i++)
 	{
 		XLogRecPtr	end_lsn = req->records[i].end_lsn;
 		RelFileNode used[NUM_DUMMY_RELS];

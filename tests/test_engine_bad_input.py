@@ -273,6 +273,20 @@ def test_redo_error_inside_postgres(engine, blocks, message):
     assert_serves(engine)
 
 
+def test_records_before_the_last_image_of_the_page_are_checked_not_replayed(engine):
+    """A request is replayed from its last record that restores the page's full image: nothing before it can change
+    the page. Here the record ahead of that one would fail inside PostgreSQL's redo; the request is served all the
+    same, and the records ahead are still checked (a bad CRC there is refused)."""
+    failing = make_record(RM_XLOG_ID, XLOG_FPI, [BlockRef(TAG, None, data=b"x")])
+    image = make_page(0x51, [b"after the failing record" * 3])
+    records = [WalRecord(END_LSN, failing), WalRecord(END_LSN + 8, fpi_record(TAG, image, hole=True))]
+    assert engine.redo(TAG, END_LSN + 8, IMAGE, records) == expected_after_fpi(image, END_LSN + 8, hole=True)
+    records[0] = WalRecord(END_LSN, flipped(failing, len(failing) - 1))
+    with pytest.raises(InvalidRequest, match="fails its CRC check"):
+        engine.redo(TAG, END_LSN + 8, IMAGE, records)
+    assert_serves(engine)
+
+
 # --- bad messages -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("garbage, message", [

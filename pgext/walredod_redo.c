@@ -369,7 +369,6 @@ is_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 		fork == target.client_fork && blkno == target.blkno;
 }
 
-/* Complain unless a tag names the block the current request rebuilds. */
 /*
  * Where the target's decompressed images live while their request runs
  * (block_images.c): BLCKSZ bytes each, kept across requests below
@@ -452,6 +451,7 @@ prepare_block_images(DecodedXLogRecord **records, int nrecords)
 		}
 }
 
+/* Complain unless a tag names the block the current request rebuilds. */
 static void
 check_tag_is_target(const char *p, char msgtype)
 {

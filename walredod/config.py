@@ -78,10 +78,10 @@ class EngineSettings(Strict):
     )
     spin_wait_us: int = Field(
         50, ge=0, le=1000,
-        description="Microseconds the redo child, the engine waiting for its reply, and a local-path client waiting "
-        "for theirs poll without sleeping (yielding the CPU in between) before they sleep: a peer on another CPU then "
+        description="Microseconds a redo child waiting for its next request, and the engine waiting for a child's "
+        "reply, poll without sleeping (yielding the CPU in between) before they sleep: a peer on another CPU then "
         "finds them awake, where waking a process whose CPU went idle costs more than a short request. 0: sleep at "
-        "once.",
+        "once. (Our local-path client waits the same way for its replies, 50 µs.)",
     )
     shared_buffers_kb: int = Field(
         1024, ge=128, le=1024 * 1024, description="Child's shared_buffers; redo drop cost grows with it."

@@ -369,10 +369,40 @@ is_target(RelFileNode rnode, ForkNumber fork, BlockNumber blkno)
 		fork == target.client_fork && blkno == target.blkno;
 }
 
+/* Arenas larger than this are given back after their request. */
+#define CHECKED_ARENA_KEEP	(8 * 1024 * 1024)
+
+/*
+ * Make an arena (in TopMemoryContext) hold at least 'needed' bytes; what it
+ * held is not kept.
+ */
+static void
+reserve_arena(char **arena, size_t *size, size_t needed)
+{
+	if (needed <= *size)
+		return;
+	if (*arena)
+		pfree(*arena);
+	*arena = NULL;
+	*size = 0;
+	*arena = MemoryContextAllocHuge(TopMemoryContext, needed);
+	*size = needed;
+}
+
+/* Give back an arena a large request left above CHECKED_ARENA_KEEP. */
+static void
+trim_arena(char **arena, size_t *size)
+{
+	if (*size <= CHECKED_ARENA_KEEP)
+		return;
+	pfree(*arena);
+	*arena = NULL;
+	*size = 0;
+}
+
 /*
  * Where the target's decompressed images live while their request runs
- * (block_images.c): BLCKSZ bytes each, kept across requests below
- * CHECKED_ARENA_KEEP.
+ * (block_images.c): BLCKSZ bytes each.
  */
 static char *image_arena;
 static size_t image_arena_size;
@@ -421,15 +451,7 @@ prepare_block_images(DecodedXLogRecord **records, int nrecords)
 				is_target(blk->rnode, blk->forknum, blk->blkno))
 				needed += BLCKSZ;
 		}
-	if (needed > image_arena_size)
-	{
-		if (image_arena)
-			pfree(image_arena);
-		image_arena = NULL;
-		image_arena_size = 0;
-		image_arena = MemoryContextAllocHuge(TopMemoryContext, needed);
-		image_arena_size = needed;
-	}
+	reserve_arena(&image_arena, &image_arena_size, needed);
 
 	for (int i = 0; i < nrecords; i++)
 		for (int id = 0; id <= records[i]->max_block_id; id++)
@@ -1042,9 +1064,6 @@ static DecodedXLogRecord **checked_records;
 static int	checked_records_size;
 static int	checked_first_replayed;	/* first_record_to_replay of them */
 
-/* Arenas larger than this are given back after their request. */
-#define CHECKED_ARENA_KEEP	(8 * 1024 * 1024)
-
 /*
  * SQLSTATEs of refusals that say the request itself is wrong (the others
  * are ours: out of memory while checking, say).
@@ -1107,15 +1126,7 @@ check_redo_request(const RedoRequest *req)
 				 errmsg("walredod: a record ends at %X/%X, after the requested LSN %X/%X",
 						LSN_FORMAT_ARGS(previous), LSN_FORMAT_ARGS(req->lsn))));
 
-	if (total > checked_arena_size)
-	{
-		if (checked_arena)
-			pfree(checked_arena);
-		checked_arena = NULL;
-		checked_arena_size = 0;
-		checked_arena = MemoryContextAllocHuge(TopMemoryContext, total);
-		checked_arena_size = total;
-	}
+	reserve_arena(&checked_arena, &checked_arena_size, total);
 	if (req->nrecords > checked_records_size)
 	{
 		int			size = Max(req->nrecords, 2 * checked_records_size);
@@ -1205,18 +1216,8 @@ run_redo_request(const RedoRequest *req, char *page)
 	finish_request();
 	stat_requests++;
 
-	if (checked_arena_size > CHECKED_ARENA_KEEP)
-	{
-		pfree(checked_arena);
-		checked_arena = NULL;
-		checked_arena_size = 0;
-	}
-	if (image_arena_size > CHECKED_ARENA_KEEP)
-	{
-		pfree(image_arena);
-		image_arena = NULL;
-		image_arena_size = 0;
-	}
+	trim_arena(&checked_arena, &checked_arena_size);
+	trim_arena(&image_arena, &image_arena_size);
 }
 
 static void

@@ -63,19 +63,28 @@ def serves(tag, records: Sequence[WalRecord]) -> bool:
 def encode_redo(request_id: int, tag: BufferTag, lsn: int, base_image: bytes | None,
                 records: Sequence[WalRecord], timeout_ms: int = 0) -> bytes:
     """One redo request as bytes: header, fixed part, base image, then each record's end LSN, length and bytes."""
-    parts = [b"", _pack_fixed(tag.forknum, tag.spcnode, tag.dbnode, tag.relnode, tag.blkno, lsn,
-                              FLAG_BASE_IMAGE if base_image is not None else 0, len(records))]
+    parts: list[bytes] = []
+    encode_redo_parts(parts, request_id, tag, lsn, base_image, records, timeout_ms)
+    return b"".join(parts)
+
+
+def encode_redo_parts(parts: list, request_id: int, tag: BufferTag, lsn: int, base_image: bytes | None,
+                      records: Sequence[WalRecord], timeout_ms: int = 0) -> None:
+    """encode_redo's bytes appended to ``parts`` in pieces, so that several requests are joined only once."""
+    start = len(parts)
+    append = parts.append
+    append(b"")  # the header, once the size is known
+    append(_pack_fixed(tag.forknum, tag.spcnode, tag.dbnode, tag.relnode, tag.blkno, lsn,
+                       FLAG_BASE_IMAGE if base_image is not None else 0, len(records)))
     size = _REDO_FIXED.size
     if base_image is not None:
-        parts.append(base_image)
+        append(base_image)
         size += len(base_image)
-    append = parts.append
     for record_lsn, data in records:
         append(_pack_record(record_lsn, len(data)))
         append(data)
         size += 12 + len(data)
-    parts[0] = _pack_header(MAGIC, VERSION, KIND_REDO, size, request_id, timeout_ms, 0)
-    return b"".join(parts)
+    parts[start] = _pack_header(MAGIC, VERSION, KIND_REDO, size, request_id, timeout_ms, 0)
 
 
 def encode_ping(request_id: int) -> bytes:

@@ -38,13 +38,10 @@ def _served_locally(flight) -> bool:
 
 def _encode(flight) -> bytes:
     timeout_ms = max(1, int(flight.timeout * 1000))
-    encode = local.encode_redo
-    members = flight.members
-    if len(members) == 1:
-        for request_id, (call, index) in members.items():
-            return encode(request_id, *call.requests[index], timeout_ms)
-    return b"".join(encode(request_id, *call.requests[index], timeout_ms)
-                    for request_id, (call, index) in members.items())
+    encode, parts = local.encode_redo_parts, []
+    for request_id, (call, index) in flight.members.items():
+        encode(parts, request_id, *call.requests[index], timeout_ms)
+    return b"".join(parts)
 
 
 class _Ledger:

@@ -458,3 +458,35 @@ def test_a_connection_reads_replies_whether_or_not_it_spins(tmp_path, spin_wait,
         answering.join()
         connection.close()
         listener.close()
+
+
+def test_replies_split_or_joined_across_receives_are_read_whole(tmp_path):
+    """Replies arrive as the stream delivers them: one cut in three pieces, then two in one piece with the start of
+    a third; each is read whole, in order, and the piece of the third is kept for it."""
+    path = str(tmp_path / "slot.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    connection = local.LocalConnection(path)
+    child_side, _ = listener.accept()
+
+    def reply(request_id: int, body: bytes) -> bytes:
+        return local.REPLY_HEADER.pack(local.MAGIC, local.VERSION, protocol.STATUS_OK, len(body), request_id) + body
+
+    pages = [bytes([i]) * 8192 for i in range(4)]
+    first, second, third = reply(1, pages[1]), reply(2, pages[2]), reply(3, pages[3])
+    try:
+        for piece in (first[:10], first[10:5000]):
+            child_side.sendall(piece)
+            time.sleep(0.02)
+            assert connection.receive_now() == []
+        child_side.sendall(first[5000:])
+        assert connection.read_replies(time.monotonic() + 10) == [(1, protocol.STATUS_OK, pages[1])]
+        child_side.sendall(second + third[:100])
+        assert connection.read_replies(time.monotonic() + 10) == [(2, protocol.STATUS_OK, pages[2])]
+        child_side.sendall(third[100:])
+        assert connection.read_replies(time.monotonic() + 10) == [(3, protocol.STATUS_OK, pages[3])]
+    finally:
+        child_side.close()
+        connection.close()
+        listener.close()

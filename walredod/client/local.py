@@ -91,11 +91,11 @@ def encode_ping(request_id: int) -> bytes:
     return _pack_header(MAGIC, VERSION, KIND_PING, 0, request_id, 0, 0)
 
 
-def decode_replies(buffer: bytearray) -> tuple[list[tuple[int, int, bytes]], int]:
-    """The whole replies at the start of ``buffer``: ([(request id, status, body)], bytes they took).
-    Raises ConnectionLost for bytes that are not a reply (the stream cannot be trusted any more)."""
+def decode_replies(buffer: bytearray, end: int | None = None) -> tuple[list[tuple[int, int, bytes]], int]:
+    """The whole replies at the start of ``buffer`` (its first ``end`` bytes): ([(request id, status, body)],
+    bytes they took). Raises ConnectionLost for bytes that are not a reply (the stream cannot be trusted any more)."""
     replies = []
-    position, end = 0, len(buffer)
+    position, end = 0, len(buffer) if end is None else end
     with memoryview(buffer) as view:  # a body is copied once, out of the view (a slice of the buffer would be twice)
         while end - position >= _REPLY_HEADER_LEN:
             magic, version, status, body_len, request_id = _unpack_reply(buffer, position)
@@ -154,10 +154,6 @@ class LocalConnection:
     def read_replies(self, deadline: float) -> list[tuple[int, int, bytes]]:
         """At least one reply (all that have arrived), or [] once ``deadline`` (time.monotonic()) has passed."""
         while True:
-            replies, used = decode_replies(self._buffer)
-            if replies:
-                del self._buffer[:used]
-                return replies
             if time.monotonic() >= deadline:
                 return []
             try:
@@ -172,7 +168,24 @@ class LocalConnection:
                 raise ConnectionLost(f"{self.path}: {exc}") from None
             if got == 0:
                 raise ConnectionLost(f"{self.path}: the redo child closed the connection")
-            self._buffer += self._view[:got]
+            replies = self._take(got)
+            if replies:
+                return replies
+
+    def _take(self, got: int) -> list[tuple[int, int, bytes]]:
+        """The whole replies a receive of ``got`` bytes into the chunk completed; the rest of a reply is kept for
+        the next (what is kept is never a whole reply). Straight from the chunk when nothing was kept: each body is
+        then copied once."""
+        if not self._buffer:
+            replies, used = decode_replies(self._chunk, got)
+            if used < got:
+                self._buffer += self._view[used:got]
+            return replies
+        self._buffer += self._view[:got]
+        replies, used = decode_replies(self._buffer)
+        if used:
+            del self._buffer[:used]
+        return replies
 
     def _recv_spinning(self) -> int:
         """recv_into the chunk: without sleeping for up to the spin wait, then blocking (up to the wake interval)."""
@@ -188,6 +201,7 @@ class LocalConnection:
 
     def receive_now(self) -> list[tuple[int, int, bytes]]:
         """The replies that have arrived, without waiting (possibly none)."""
+        replies = []
         while True:
             try:
                 got = self._sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
@@ -197,12 +211,9 @@ class LocalConnection:
                 raise ConnectionLost(f"{self.path}: {exc}") from None
             if got == 0:
                 raise ConnectionLost(f"{self.path}: the redo child closed the connection")
-            self._buffer += self._view[:got]
+            replies += self._take(got)
             if got < len(self._chunk):
                 break
-        replies, used = decode_replies(self._buffer)
-        if used:
-            del self._buffer[:used]
         return replies
 
     def poll(self, timeout: float) -> bool:

@@ -90,19 +90,37 @@ class _Ledger:
         self.gathered.clear()
 
 
-class LocalLink:
-    """A worker's link: its slot's local socket for what the redo child serves, its ZeroMQ endpoint (``fallback``)
-    for the rest. ``pollables`` changes when the connection is lost or made again (``pollables_changed``)."""
+class _LocalLinkBase:
+    """What the sync and asyncio links share: where they go, the ledger of the connection, and how they end."""
 
     def __init__(self, fallback, worker):
         self.endpoint = worker.endpoint
         self.path = worker.listing.get("local")
         self.fallback = fallback
+        self.connection = None
+        self._ledger = _Ledger()
+        self._retry_at = 0.0
+
+    def serves(self, worker) -> bool:
+        return worker.endpoint == self.endpoint and worker.listing.get("local") == self.path
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        self._ledger = _Ledger()
+        self.fallback.close()
+
+
+class LocalLink(_LocalLinkBase):
+    """A worker's link: its slot's local socket for what the redo child serves, its ZeroMQ endpoint (``fallback``)
+    for the rest. ``pollables`` changes when the connection is lost or made again (``pollables_changed``)."""
+
+    def __init__(self, fallback, worker):
+        super().__init__(fallback, worker)
         self.connection: local.LocalConnection | None = None
         self.pollables_changed = False
-        self._ledger = _Ledger()
         self._events: list = []
-        self._retry_at = 0.0
         self._connect(time.monotonic())
         self.pollables_changed = False
 
@@ -117,8 +135,6 @@ class LocalLink:
             return (self.fallback.socket,)
         return (self.fallback.socket, self.connection.fileno())
 
-    def serves(self, worker) -> bool:
-        return worker.endpoint == self.endpoint and worker.listing.get("local") == self.path
 
     def _connect(self, now: float) -> local.LocalConnection | None:
         if now < self._retry_at:
@@ -211,29 +227,15 @@ class LocalLink:
             self.connection = None
             self.pollables_changed = True
 
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-        self._ledger = _Ledger()
-        self.fallback.close()
 
-
-class AsyncLocalLink:
+class AsyncLocalLink(_LocalLinkBase):
     """The asyncio client's LocalLink: replies and lost connections come as events through ``on_reply`` (the
     callback ``start`` was given), from the event loop's callbacks."""
 
     def __init__(self, fallback, worker):
-        self.endpoint = worker.endpoint
-        self.path = worker.listing.get("local")
-        self.fallback = fallback
+        super().__init__(fallback, worker)
         self.connection: local.AsyncLocalConnection | None = None
-        self._ledger = _Ledger()
         self._on_reply = None
-        self._retry_at = 0.0
-
-    def serves(self, worker) -> bool:
-        return worker.endpoint == self.endpoint and worker.listing.get("local") == self.path
 
     def start(self, on_reply) -> None:
         self._on_reply = on_reply
@@ -290,9 +292,3 @@ class AsyncLocalLink:
         for event in events:
             on_reply(event)
 
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-        self._ledger = _Ledger()
-        self.fallback.close()

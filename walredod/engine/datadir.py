@@ -168,6 +168,7 @@ class DataDirectory:
         self._dir_mode = 0o711 if run_as.user is not None else 0o700
         self._make_dir(self.root, self._dir_mode)
         self._make_dir(self.root / CHILD_DATADIRS, self._dir_mode)
+        self._template: Path | None = None  # found or made once: children start often (takeovers, spares)
 
     def _make_dir(self, path: Path, mode: int) -> None:
         path.mkdir(mode=mode, parents=True, exist_ok=True)
@@ -206,7 +207,12 @@ class DataDirectory:
         return target
 
     def template(self) -> Path:
-        """The initdb'd template cluster, made on first use by exactly one process."""
+        """The initdb'd template cluster, made on first use by exactly one process; looked up once per process."""
+        if self._template is None:
+            self._template = self._find_or_make_template()
+        return self._template
+
+    def _find_or_make_template(self) -> Path:
         version_text = self._run([str(self.postgres_bin), "--version"], check=True).stdout
         version = re.search(r"\d+(\.\d+)+", version_text).group(0)
         template = self.root / f"template-{version}"
@@ -251,8 +257,9 @@ class DataDirectory:
     def new_child_datadir(self) -> Path:
         """A fresh child datadir copied from the template, owned by the child user; ``remove_child_datadir`` ends
         it."""
+        if self._template is None:  # the first child of this process: what dead processes left goes first
+            self.remove_abandoned_child_datadirs()
         template = self.template()
-        self.remove_abandoned_child_datadirs()
         datadir = self.root / CHILD_DATADIRS / f"{os.getpid()}-{next(_child_datadir_counter)}"
         shutil.rmtree(datadir, ignore_errors=True)
         # cp is faster than a Python tree copy; the copy is ours until it is handed over whole.

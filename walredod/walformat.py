@@ -32,7 +32,7 @@ from walredod.pg15 import (  # noqa: F401 (the heap record kinds, for the users 
     RM_HEAP2_ID, RM_HEAP_ID, XLOG_HEAP2_MULTI_INSERT, XLOG_HEAP_DELETE, XLOG_HEAP_HOT_UPDATE, XLOG_HEAP_INIT_PAGE,
     XLOG_HEAP_INSERT, XLOG_HEAP_LOCK, XLOG_HEAP_OPMASK, XLOG_HEAP_UPDATE,
 )
-from walredod.wal import DecodedRecord
+from walredod.wal import DecodedRecord, maxalign
 
 WalFormat = Literal["vanilla", "neon"]
 FORMATS: tuple[WalFormat, ...] = ("vanilla", "neon")
@@ -73,10 +73,6 @@ NEON_DELETE_CID = 8  # in its xl_heap_delete, xl_heap_lock and xl_heap_update
 NEON_XLHL_COMBOCID = 0x20  # infobits bit Neon adds: the tuple's t_cid is a combo id
 
 _u16 = struct.Struct("<H").unpack_from
-
-
-def maxalign(n: int) -> int:
-    return (n + 7) & ~7
 
 
 def expected_hoff(infomask2: int, infomask: int) -> int:

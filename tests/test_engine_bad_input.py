@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from records import (
 )
 
 from walredod.engine import RedoEngine
+from walredod.engine.child import ChildDied, RedoChild
 from walredod.engine.datadir import CHILD_DATADIRS
 from walredod.engine.pipe import PING, encode_request, encode_tag
 from walredod.errors import InvalidRequest, RedoFailed, RedoTimeout, Unavailable, WalredodError
@@ -565,3 +567,27 @@ def test_refused_requests_cost_no_child(engine):
             engine.redo(TAG, END_LSN, None, [bad])
         assert_serves(engine)
     assert (engine.child_pid, engine.stats.children_started, engine.stats.restarts) == (pid, started, restarts)
+
+
+@pytest.mark.parametrize("reply, what", [
+    (b"\x01" + struct.pack(">I", 1 << 31), "status 1 and length 2147483648"),
+    (b"\x07" + struct.pack(">I", 5) + b"hello", "status 7 and length 5"),
+], ids=["refusal-too-long", "unknown-status"])
+def test_a_reply_the_protocol_does_not_have_ends_the_child(tmp_path, reply, what):
+    """A child that answers with an unknown status or a refusal longer than any message (a child taken over by
+    its WAL, say) is killed at once: the engine neither buffers what it announces nor reads on out of step."""
+    script = f"import sys; sys.stdin.buffer.read(5); sys.stdout.buffer.write({reply!r}); sys.stdout.flush(); " \
+             "import time; time.sleep(60)"
+    child = RedoChild([sys.executable, "-c", script], env={}, cwd=None, popen_kwargs={}, name="fake",
+                      error_replies=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ChildDied) as died:
+            child.request(PING, time.monotonic() + 30, 30)
+        assert isinstance(died.value.error, RedoFailed)
+        assert what in str(died.value.error)
+        assert time.monotonic() - started < 20
+        assert child.process.wait(10) is not None  # killed, not left to sleep
+    finally:
+        child.kill()
+        child.close()

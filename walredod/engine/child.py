@@ -45,7 +45,10 @@ class ChildRefused(Exception):
 
 
 # Status bytes of replies when the child answers refusals (walredod.pipe_error_replies; docs/redo-child-protocol.md).
-_REPLY_OK, _REPLY_INVALID = 0, 1
+_REPLY_OK, _REPLY_INVALID, _REPLY_INTERNAL = 0, 1, 2
+# A refusal's message is a line of the child's (a few hundred bytes); anything longer means the pipe is out of step.
+_MAX_REFUSAL = 64 * 1024
+_MAX_PROBES = 64  # probes a child may report (tests and `walredod doctor` run a handful)
 _read_length = struct.Struct(">I").unpack_from
 
 
@@ -101,7 +104,8 @@ class RedoChild:
                     if match := _SANDBOX_LINE.search(line):
                         self._sandbox = match.group(1)
                         self._sandbox_said.set()
-                    elif match := _PROBE_LINE.search(line):
+                    elif (match := _PROBE_LINE.search(line)) and (
+                            len(self.probes) < _MAX_PROBES or match.group(1) in self.probes):
                         self.probes[match.group(1)] = match.group(2)
                     elif _PROBES_DONE_LINE in line:
                         self._probes_done.set()
@@ -169,6 +173,10 @@ class RedoChild:
         if reply[0] == _REPLY_OK:
             return reply[1:]
         length = _read_length(reply, 1)[0]
+        if reply[0] not in (_REPLY_INVALID, _REPLY_INTERNAL) or length > _MAX_REFUSAL:
+            self.kill()  # its replies can no longer be told apart: the child is done
+            raise ChildDied(RedoFailed(f"redo child {self.pid} sent a reply with status {reply[0]} and length "
+                                       f"{length}, which the protocol does not have"))
         message = reply[5:] + (self._read_exactly(5 + length - len(reply), timeout, deadline)
                                if len(reply) < 5 + length else b"")
         text = message.decode("utf-8", "replace")

@@ -490,3 +490,23 @@ def test_replies_split_or_joined_across_receives_are_read_whole(tmp_path):
         child_side.close()
         connection.close()
         listener.close()
+
+
+def test_a_batch_cut_off_past_its_deadline_keeps_the_answers_it_had():
+    """A connection that ends after part of a batch was answered, past the batch's deadline: the answered requests
+    keep their pages, only the rest get RedoTimeout (docs/local-data-path.md: what was answered is answered)."""
+    from types import SimpleNamespace
+
+    from walredod.client.local_link import _Ledger
+    from walredod.errors import RedoTimeout
+
+    flight = SimpleNamespace(message_id=9, members={1: None, 2: None, 3: None}, sent_at=time.monotonic() - 10,
+                             timeout=1.0)
+    ledger, events = _Ledger(), []
+    ledger.sent(flight)
+    assert ledger.answered([(1, protocol.STATUS_OK, b"page one")], events) and events == []
+    ledger.lost(events, "slot.sock")
+    [(message_id, answers)] = events
+    assert message_id == 9 and [request_id for request_id, _ in answers] == [1, 2, 3]
+    assert answers[0] == (1, b"page one")
+    assert all(isinstance(result, RedoTimeout) for _, result in answers[1:])

@@ -83,7 +83,10 @@ class _Ledger:
             seen.add(flight.message_id)
             if now >= flight.sent_at + flight.timeout:
                 error = RedoTimeout(f"no reply from {where} within {flight.timeout:g} s (its redo child ended)")
-                events.append((flight.message_id, [(request_id, error) for request_id in flight.members]))
+                answers = self.gathered.pop(flight.message_id, [])  # a batch's answers so far stand
+                answered = {request_id for request_id, _result in answers}
+                events.append((flight.message_id, answers + [(request_id, error) for request_id in flight.members
+                                                             if request_id not in answered]))
             else:
                 events.append(flight)
         self.pending.clear()

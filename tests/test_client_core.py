@@ -253,6 +253,7 @@ def test_a_departed_workers_requests_are_re_sent_through_the_supervisor(change):
     under the same pid."""
     core, workers, _ = direct_core(workers=((0, 100, True), (1, 101, True)))
     call, sends = spread(core, workers)
+    carried = {f.message_id: (f.worker.slot, [r.request_id for r in requests_of(f)]) for f in sends}
     assert not core.directory_due(T0 + DIRECT_CHECK_INTERVAL / 2)  # replies from others prove nothing, but wait
     assert core.wakeup(T0) == pytest.approx(DIRECT_CHECK_INTERVAL)
     now = T0 + DIRECT_CHECK_INTERVAL
@@ -264,7 +265,8 @@ def test_a_departed_workers_requests_are_re_sent_through_the_supervisor(change):
     on_zero = [f for f in sends if f.message_id in {r.message_id for r in resent}]
     assert resent and all(f.worker is None for f in resent)  # to the supervisor
     assert {f.message_id for f in resent} == {f.message_id for f in on_zero}
-    assert all(requests_of(f) for f in resent)  # the same frames: a batch stays one message
+    # What slot 0 held, whole: a batch stays one message with the same requests.
+    assert all(carried[f.message_id] == (0, [r.request_id for r in requests_of(f)]) for f in resent)
     kept = [f for f in sends if f not in resent]
     assert kept and all(f.worker.slot == 1 for f in kept)
     for flight in sends:  # the supervisor's answers to the re-sent, the worker's own to the rest

@@ -87,7 +87,7 @@ def check_tag(tag) -> None:
         if not (isinstance(tag.blkno, int) and 0 <= tag.blkno < MAX_BLOCK_NUMBER):
             raise InvalidRequest(f"tag {tag}: block number must be below {MAX_BLOCK_NUMBER:#x} (PostgreSQL's limit)")
     elif isinstance(tag, SlruPageTag):
-        if tag.kind not in list(SlruKind):
+        if not (isinstance(tag.kind, int) and 0 <= tag.kind < len(SlruKind)):
             raise InvalidRequest(f"SLRU kind {tag.kind} is not 0 to {len(SlruKind) - 1}")
         if not _u32(tag.pageno):
             raise InvalidRequest(f"{tag}: the page number must be an unsigned 32-bit number")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import select
 import socket
 import struct
 import time
 from collections.abc import Sequence
 
+from walredod.native.synthesized import is_synthesized  # records the worker applies in Python
 from walredod.types import BufferTag, WalRecord
 
 MAGIC = b"WL"
@@ -24,7 +24,6 @@ VERSION = 1
 KIND_REDO = 1
 KIND_PING = 2
 FLAG_BASE_IMAGE = 0x01
-MAX_RECORDS = 100_000
 
 # magic, version, kind, body length, request id, timeout ms, reserved
 REQUEST_HEADER = struct.Struct(">2sBBIQII")
@@ -37,7 +36,6 @@ _REPLY_HEADER_LEN = REPLY_HEADER.size
 # Seconds a wait for a reply polls without sleeping first: a redo child on another CPU answers a short request
 # sooner than this, and waking a process whose CPU went idle costs more than the request on these VMs.
 SPIN_WAIT = 50e-6
-_SYNTHESIZED_MAGIC = b"WRSY"  # walredod.native.synthesized: records the worker applies in Python
 
 _pack_header = REQUEST_HEADER.pack
 _pack_fixed = _REDO_FIXED.pack
@@ -55,7 +53,7 @@ def serves(tag, records: Sequence[WalRecord]) -> bool:
     if type(tag) is not BufferTag:
         return False
     for record in records:
-        if record[1][:4] == _SYNTHESIZED_MAGIC:
+        if is_synthesized(record[1]):
             return False
     return True
 
@@ -215,12 +213,6 @@ class LocalConnection:
             if got < len(self._chunk):
                 break
         return replies
-
-    def poll(self, timeout: float) -> bool:
-        """Whether a reply (or the end of the connection) may be read now or within ``timeout`` seconds."""
-        if len(self._buffer) >= _REPLY_HEADER_LEN:
-            return True
-        return bool(select.select([self._sock], [], [], max(0.0, timeout))[0])
 
     def request(self, data: bytes, timeout: float) -> tuple[int, int, bytes]:
         """Send one request and wait for its reply: (request id, status, body). Raises ConnectionLost, or

@@ -38,7 +38,6 @@ log = logging.getLogger("walredod.daemon.supervisor")
 
 GRACE = 2.0  # seconds past a request's deadline before the supervisor answers for a silent worker
 MIN_BACKOFF = 0.1  # seconds before the first restart of a worker that never became ready; doubles per failure
-_CONTROL_KINDS = (protocol.KIND_PING, protocol.KIND_STATUS, protocol.KIND_DIRECTORY)
 
 
 def per_client_limit(daemon_settings) -> int:
@@ -331,7 +330,7 @@ class Pool:
                 raise InvalidRequest(f"request of {size} bytes is over the limit of "
                                      f"{self.settings.daemon.max_request_bytes}")
             request = protocol.decode_request(body, records=False)
-            if request.kind in _CONTROL_KINDS:
+            if request.kind in protocol.CONTROL_KINDS:
                 frontend.send(client, protocol.encode_reply(request.request_id, self.control_reply(frontend,
                                                                                                    request.kind)))
                 return

@@ -202,6 +202,29 @@ check_tuple_header(DecodedXLogRecord *record, XLogRecPtr end_lsn,
 }
 
 /*
+ * Refuse a tuple redo would build longer than a heap tuple can be: heap redo
+ * assembles it in a stack buffer of MaxHeapTupleSize bytes that only an
+ * Assert guards, and block data may be up to 64 kB.  'body_len' counts what
+ * follows the 23-byte tuple header (bitmap, padding, data, and for an update
+ * the prefix and suffix taken from the old tuple).
+ */
+static void
+check_tuple_length(DecodedXLogRecord *record, XLogRecPtr end_lsn,
+				   Size body_len, const char *what)
+{
+	RmgrData	rmgr = GetRmgr(record->header.xl_rmid);
+	const char *kind = rmgr.rm_identify(record->header.xl_info);
+
+	if (body_len > MaxHeapTupleSize - SizeofHeapTupleHeader)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("walredod: %s %s record at end LSN %X/%X: %s would be %zu bytes, more than a heap tuple holds (%zu)",
+						rmgr.rm_name, kind ? kind : "?", LSN_FORMAT_ARGS(end_lsn),
+						what, body_len + SizeofHeapTupleHeader,
+						(Size) MaxHeapTupleSize)));
+}
+
+/*
  * An old tuple or key logged in main data for logical decoding: redo never
  * reads it, and it is copied as stored, so only a plausible t_hoff is asked
  * of it.
@@ -273,11 +296,14 @@ check_insert(DecodedXLogRecord *record, XLogRecPtr end_lsn, WalFormat format)
 							   record->main_data_len,
 							   (Size) SizeOfHeapInsert));
 	blk = block_redo_reads(record, end_lsn, format);
-	if (blk != NULL)
-		check_tuple_header(record, end_lsn, format, blk->data, blk->data_len,
-						   layout->header_size,
-						   offsetof(xl_heap_header, t_infomask2),
-						   layout->header_hoff, "the inserted tuple");
+	if (blk == NULL)
+		return;
+	check_tuple_header(record, end_lsn, format, blk->data, blk->data_len,
+					   layout->header_size,
+					   offsetof(xl_heap_header, t_infomask2),
+					   layout->header_hoff, "the inserted tuple");
+	check_tuple_length(record, end_lsn, blk->data_len - layout->header_size,
+					   "the inserted tuple");
 }
 
 static void
@@ -300,6 +326,7 @@ check_update(DecodedXLogRecord *record, XLogRecPtr end_lsn, WalFormat format)
 	DecodedBkpBlock *blk;
 	uint8		flags = 0;
 	Size		skip = 0;
+	Size		from_old = 0;
 
 	if (record->main_data_len > UPDATE_FLAGS)
 		flags = (uint8) record->main_data[UPDATE_FLAGS];
@@ -317,10 +344,15 @@ check_update(DecodedXLogRecord *record, XLogRecPtr end_lsn, WalFormat format)
 	if (blk->data_len < skip)
 		refuse_record(record, end_lsn, format,
 					  "block 0 data is shorter than its prefix and suffix lengths");
+	for (Size at = 0; at < skip; at += sizeof(uint16))
+		from_old += read_u16(blk->data + at);
 	check_tuple_header(record, end_lsn, format, blk->data + skip,
 					   blk->data_len - skip, layout->header_size,
 					   offsetof(xl_heap_header, t_infomask2),
 					   layout->header_hoff, "the new tuple");
+	check_tuple_length(record, end_lsn,
+					   blk->data_len - skip - layout->header_size + from_old,
+					   "the new tuple");
 }
 
 /*
@@ -374,6 +406,7 @@ check_multi_insert(DecodedXLogRecord *record, XLogRecPtr end_lsn,
 						   offsetof(xl_multi_insert_tuple, t_infomask2),
 						   layout->multi_hoff, "an inserted tuple");
 		datalen = read_u16(header);
+		check_tuple_length(record, end_lsn, datalen, "an inserted tuple");
 		if (blk->data_len - pos - layout->multi_size < datalen)
 			refuse_record(record, end_lsn, format,
 						  psprintf("tuple %d of %u is longer than the block data left",

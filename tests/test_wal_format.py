@@ -419,3 +419,26 @@ def test_visibility_map_clears_read_the_format_s_flags():
             assert visibility_map_clears(record, fmt) == [(TAG.relation, BLK, bits)]
             quiet = decode_record(heap_delete_record(TAG, 1, fmt=fmt, xid=XID, xmax=XID, flags=0, lock=lock))
             assert visibility_map_clears(quiet, fmt) == []
+
+
+@pytest.mark.parametrize("fmt", ["vanilla", "neon"])
+@pytest.mark.parametrize("record", ["insert", "multi-insert", "update-with-prefix"])
+def test_a_tuple_longer_than_a_heap_tuple_is_refused(vanilla, neon, fmt, record):
+    """Heap redo builds a logged tuple in a stack buffer of MaxHeapTupleSize bytes that only an Assert guards, and
+    block data may be 64 kB: a longer tuple (a crafted record with a good CRC) is refused before redo, in either
+    format, and the child serves on."""
+    engine = vanilla if fmt == "vanilla" else neon
+    long_row = HeapTuple(infomask2=1, infomask=0, body=b"\0" + b"x" * 8200)  # t_hoff 24: one byte of padding
+    end = LSN + 0x90
+    built = {
+        "insert": lambda: heap_insert_record(TAG, 1, long_row, fmt=fmt, xid=XID, init=True),
+        "multi-insert": lambda: heap_multi_insert_record(TAG, [long_row], fmt=fmt, xid=XID),
+        # The new tuple alone fits; with the prefix taken from the old tuple it would not.
+        "update-with-prefix": lambda: heap_update_record(TAG, 1, 2, ROW3, fmt=fmt, xid=XID, old_xmax=XID,
+                                                         prefix_len=8180),
+    }[record]()
+    pid, restarts = engine.child_pid, dict(engine.stats.restarts)
+    with pytest.raises(InvalidRequest, match="more than a heap tuple holds"):
+        engine.redo(TAG, end, None if record != "update-with-prefix" else make_page(0x10), [WalRecord(end, built)])
+    assert (engine.child_pid, engine.stats.restarts) == (pid, restarts)
+    vanilla_insert_serves(vanilla)

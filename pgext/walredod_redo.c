@@ -1175,13 +1175,17 @@ refusal_of_request(RedoRequest *req, void (*prepare) (RedoRequest *req, int arg)
 	{
 		if (prepare != NULL)
 			prepare(req, arg);
+		/* What the checks allocate (reasons, aligned copies) is theirs. */
+		MemoryContextSwitchTo(redo_context);
 		check_redo_request(req);
+		MemoryContextSwitchTo(oldcontext);
 	}
 	PG_CATCH();
 	{
 		MemoryContextSwitchTo(oldcontext);
 		refusal = CopyErrorData();
 		FlushErrorState();
+		MemoryContextReset(redo_context);
 	}
 	PG_END_TRY();
 	return refusal;

@@ -591,3 +591,31 @@ def test_a_reply_the_protocol_does_not_have_ends_the_child(tmp_path, reply, what
     finally:
         child.kill()
         child.close()
+
+
+def child_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_refused_requests_leave_no_memory_behind(engine):
+    """What checking a refused request allocates goes with the refusal: 40 requests of 2 MB of well-formed records,
+    refused only after every record was decoded (the last does not reference the page), leave the child's memory where one
+    such request left it (they used to pile up until the child could allocate nothing)."""
+    other = TAG._replace(blkno=TAG.blkno + 100)
+    records = [WalRecord(END_LSN + i, make_record(RM_XLOG_ID, XLOG_FPI,
+                                                  [BlockRef(other if i == 31 else TAG, IMAGE, data=bytes(60000))]))
+               for i in range(32)]  # the last one is refused, once all were decoded
+    request = (TAG, END_LSN + 64, None, records)
+
+    def refused() -> None:
+        with pytest.raises(InvalidRequest, match="does not reference the target block"):
+            engine.redo(*request)
+
+    refused()
+    pid, after_one = engine.child_pid, child_rss_kb(engine.child_pid)
+    for _ in range(40):
+        refused()
+    assert engine.child_pid == pid
+    assert child_rss_kb(pid) - after_one < 16 * 1024, "the refusals' memory stayed in the child"
+    assert_serves(engine)

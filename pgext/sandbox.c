@@ -392,7 +392,20 @@ enter_seccomp(int listen_fd)
 	ALLOW("close");
 	ALLOW("poll");
 	ALLOW("ppoll");
-	ALLOW("fcntl");
+
+	/*
+	 * fcntl for descriptor flags and file locks only: F_SETOWN with O_ASYNC
+	 * would have the kernel signal any process of our uid for us.
+	 */
+	{
+		static const int fcntl_commands[] = {
+			F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL,
+			F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW,
+		};
+
+		for (int i = 0; i < lengthof(fcntl_commands); i++)
+			ALLOW_IF("fcntl", SCMP_A1(SCMP_CMP_EQ, (scmp_datum_t) fcntl_commands[i]));
+	}
 	if (listen_fd >= 0)
 	{
 		ALLOW_IF("accept4", SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t) listen_fd));
@@ -561,6 +574,8 @@ run_probe(const char *action)
 		rc = open(arg, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	else if (strcmp(action, "socket") == 0)
 		rc = socket(AF_UNIX, SOCK_STREAM, 0);
+	else if (strcmp(action, "fcntl-setown") == 0)
+		rc = fcntl(STDIN_FILENO, F_SETOWN, (int) getppid());
 	else if (strncmp(action, "signal:", 7) == 0)
 		rc = kill((pid_t) atoi(arg), 0);
 	else if (strncmp(action, "exec:", 5) == 0)
@@ -577,7 +592,7 @@ run_probe(const char *action)
 	if (rc >= 0)
 	{
 		ereport(LOG, (errmsg("walredod: sandbox probe %s: allowed", action)));
-		if (strncmp(action, "signal:", 7) != 0)
+		if (strncmp(action, "signal:", 7) != 0 && strcmp(action, "fcntl-setown") != 0)
 			close(rc);
 	}
 	else

@@ -161,7 +161,8 @@ def test_a_child_cannot_leave_its_datadir(engine):
     engine.ping()  # the other child is untouched
 
 
-@pytest.mark.parametrize("action", ["socket", "signal:PARENT", "signal:OTHER_CHILD", "signal:1", "exec:/bin/sh"])
+@pytest.mark.parametrize("action", ["socket", "signal:PARENT", "signal:OTHER_CHILD", "signal:1", "exec:/bin/sh",
+                                    "fcntl-setown"])
 def test_a_forbidden_system_call_kills_the_child_and_the_engine_serves_on(engine, engine_data_dir, real_requests,
                                                                           action):
     """Issue 14: a process of the children's uid connected to the backend socket and registered as a worker; a

@@ -603,6 +603,7 @@ serve_redo(LocalConnection *c, uint64 request_id, uint32 timeout_ms,
 	ErrorData  *refusal;
 	uint64		started;
 	char	   *page;
+	int			replayed;
 
 	if (parse_redo(body, len, &req, why, sizeof(why)) != NULL)
 	{
@@ -628,10 +629,10 @@ serve_redo(LocalConnection *c, uint64 request_id, uint32 timeout_ms,
 	board[B_BUSY_DEADLINE_NS] = started +
 		(uint64) (timeout_ms ? timeout_ms : local_default_timeout_ms) * 1000000;
 	page = queue_reply(c, request_id, REPLY_OK, BLCKSZ);
-	run_redo_request(&req, page);
+	replayed = run_redo_request(&req, page);
 	board[B_BUSY_DEADLINE_NS] = 0;
 	record_latency(monotonic_ns() - started);
-	board[B_RECORDS] += req.nrecords;
+	board[B_RECORDS] += replayed;
 	board[B_REQUESTS_OK]++;
 }
 

@@ -1193,9 +1193,11 @@ refusal_of_request(RedoRequest *req, void (*prepare) (RedoRequest *req, int arg)
 
 /*
  * Rebuild the page of a request check_redo_request accepted, into 'page'
- * (BLCKSZ bytes).  An ERROR here is a redo failure: it ends the process.
+ * (BLCKSZ bytes); returns how many of its records were replayed (those from
+ * its last full image of the page on).  An ERROR here is a redo failure: it
+ * ends the process.
  */
-void
+int
 run_redo_request(const RedoRequest *req, char *page)
 {
 	start_target(req->rnode, req->fork, req->blkno, req->image);
@@ -1222,6 +1224,7 @@ run_redo_request(const RedoRequest *req, char *page)
 
 	trim_arena(&checked_arena, &checked_arena_size);
 	trim_arena(&image_arena, &image_arena_size);
+	return req->nrecords - checked_first_replayed;
 }
 
 static void

@@ -61,7 +61,7 @@ extern void check_redo_request(const RedoRequest *req);
 extern ErrorData *refusal_of_request(RedoRequest *req,
 									  void (*prepare) (RedoRequest *req, int arg),
 									  int arg);
-extern void run_redo_request(const RedoRequest *req, char *page);
+extern int	run_redo_request(const RedoRequest *req, char *page);
 
 /* local_server.c */
 extern void local_server_define_gucs(void);

@@ -402,7 +402,8 @@ trim_arena(char **arena, size_t *size)
 
 /*
  * Where the target's decompressed images live while their request runs
- * (block_images.c): BLCKSZ bytes each.
+ * (block_images.c): BLCKSZ bytes each, of one record only (the request's
+ * first replayed one), so never more than XLR_MAX_BLOCK_ID + 1 pages.
  */
 static char *image_arena;
 static size_t image_arena_size;
@@ -690,7 +691,7 @@ check_record_blocks(DecodedXLogRecord *record)
 
 /*
  * Point every block reference of the reader's current record at our
- * relations, after checking them.  Returns the number of dummy relations
+ * relations (checked already: check_record_blocks).  Returns the number of dummy relations
  * used, filling 'used'; sets *scratch_main_used when heap blocks of a
  * visibility-map target were mapped into the scratch relation.
  */
@@ -700,7 +701,6 @@ remap_blocks(RelFileNode *used, bool *scratch_main_used)
 	DecodedXLogRecord *record = reader->record;
 	int			nused = 0;
 
-	check_record_blocks(record);
 	*scratch_main_used = false;
 	for (int id = 0; id <= record->max_block_id; id++)
 	{
@@ -1045,6 +1045,7 @@ apply_record(const char *body, uint32 len)
 	rec = check_record_message(body, len, &end_lsn, &rec_len);
 	decode_record(rec, rec_len, end_lsn);
 	check_heap_record_format(decoded, end_lsn, walredod_wal_format);
+	check_record_blocks(decoded);
 	prepare_block_images(&decoded, 1);
 	if (walredod_wal_format == WAL_FORMAT_NEON)
 		neon_heap_record_to_vanilla(decoded, redo_context);
@@ -1223,7 +1224,6 @@ run_redo_request(const RedoRequest *req, char *page)
 	stat_requests++;
 
 	trim_arena(&checked_arena, &checked_arena_size);
-	trim_arena(&image_arena, &image_arena_size);
 	return req->nrecords - checked_first_replayed;
 }
 

@@ -286,11 +286,17 @@ make_room(char *buf, size_t *size, size_t *start, size_t *end, size_t want,
 static char *
 shrink_if_idle(char *buf, size_t *size, size_t start, size_t end)
 {
+	char	   *small;
+
 	if (*size <= KEEP_BUFFER || start != end)
 		return buf;
+	small = MemoryContextAllocExtended(local_context, INITIAL_BUFFER,
+									   MCXT_ALLOC_NO_OOM);
+	if (small == NULL)
+		return buf;				/* keep the large one for now */
 	pfree(buf);
 	*size = INITIAL_BUFFER;
-	return MemoryContextAlloc(local_context, INITIAL_BUFFER);
+	return small;
 }
 
 static inline size_t
@@ -299,17 +305,29 @@ pending_output(const LocalConnection *c)
 	return c->out_end - c->out_start;
 }
 
-/* Queue a reply header and reserve 'body_len' bytes after it; returns them. */
+/*
+ * Queue a reply header and reserve 'body_len' bytes after it; returns them.
+ * NULL when there is no memory for it: the connection is then dropped (its
+ * client re-sends what it had in flight), the child and the others serve on.
+ */
 static char *
 queue_reply(LocalConnection *c, uint64 request_id, int status, uint32 body_len)
 {
+	char	   *out;
 	char	   *h;
 
 	if (c->out_start == c->out_end)
 		c->out_start = c->out_end = 0;
-	c->out = make_room(c->out, &c->out_size, &c->out_start, &c->out_end,
-					   c->out_end - c->out_start + REPLY_HEADER_LEN + body_len,
-					   false);
+	out = make_room(c->out, &c->out_size, &c->out_start, &c->out_end,
+					c->out_end - c->out_start + REPLY_HEADER_LEN + body_len,
+					true);
+	if (out == NULL)
+	{
+		c->broken = true;
+		board[B_CONNECTIONS_DROPPED]++;
+		return NULL;
+	}
+	c->out = out;
 	h = c->out + c->out_end;
 	h[0] = LOCAL_MAGIC_0;
 	h[1] = LOCAL_MAGIC_1;
@@ -328,12 +346,16 @@ refuse(LocalConnection *c, uint64 request_id, int status, const char *fmt,...)
 	char		message[1024];
 	va_list		args;
 	int			len;
+	char	   *body;
 
 	va_start(args, fmt);
 	len = vsnprintf(message, sizeof(message), fmt, args);
 	va_end(args);
 	len = Min(Max(len, 0), (int) sizeof(message) - 1);
-	memcpy(queue_reply(c, request_id, status, len), message, len);
+	body = queue_reply(c, request_id, status, len);
+	if (body == NULL)
+		return;
+	memcpy(body, message, len);
 	board[status == REPLY_INTERNAL ? B_REQUESTS_INTERNAL : B_REQUESTS_REFUSED]++;
 }
 
@@ -455,12 +477,26 @@ accept_connections(void)
 			/* EAGAIN: the other child took it */
 			return;
 		}
-		c = &connections[nconnections++];
+		c = &connections[nconnections];
 		memset(c, 0, sizeof(*c));
+		c->in = MemoryContextAllocExtended(local_context, INITIAL_BUFFER,
+										   MCXT_ALLOC_NO_OOM);
+		c->out = MemoryContextAllocExtended(local_context, INITIAL_BUFFER,
+											MCXT_ALLOC_NO_OOM);
+		if (c->in == NULL || c->out == NULL)
+		{
+			/* No memory for another connection: its client tries again. */
+			if (c->in)
+				pfree(c->in);
+			if (c->out)
+				pfree(c->out);
+			close(fd);
+			board[B_CONNECTIONS_DROPPED]++;
+			return;
+		}
+		nconnections++;
 		c->fd = fd;
 		c->in_size = c->out_size = INITIAL_BUFFER;
-		c->in = MemoryContextAlloc(local_context, INITIAL_BUFFER);
-		c->out = MemoryContextAlloc(local_context, INITIAL_BUFFER);
 		board[B_CONNECTIONS_ACCEPTED]++;
 		board[B_CONNECTIONS_OPEN]++;
 	}
@@ -500,10 +536,12 @@ close_finished(void)
 
 /*
  * Parse a redo request's body into 'req' (its records in place).  Returns
- * NULL, or what is wrong with it.
+ * NULL, or what is wrong with it; *ours is set when that is our own lack of
+ * memory, not the request.
  */
 static const char *
-parse_redo(const char *body, uint32 len, RedoRequest *req, char *why, size_t whylen)
+parse_redo(const char *body, uint32 len, RedoRequest *req, char *why, size_t whylen,
+		   bool *ours)
 {
 	uint32		nrecords;
 	uint8		flags;
@@ -547,9 +585,18 @@ parse_redo(const char *body, uint32 len, RedoRequest *req, char *why, size_t why
 	if ((int) nrecords > records_size)
 	{
 		int			size = Max((int) nrecords, 2 * records_size);
+		RedoRequestRecord *grown;
 
+		grown = MemoryContextAllocExtended(local_context, size * sizeof(RedoRequestRecord),
+										   MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
+		if (grown == NULL)
+		{
+			*ours = true;
+			snprintf(why, whylen, "no memory for %u records", nrecords);
+			return why;
+		}
 		pfree(records);
-		records = MemoryContextAllocHuge(local_context, size * sizeof(RedoRequestRecord));
+		records = grown;
 		records_size = size;
 	}
 	for (uint32 i = 0; i < nrecords; i++)
@@ -604,10 +651,12 @@ serve_redo(LocalConnection *c, uint64 request_id, uint32 timeout_ms,
 	uint64		started;
 	char	   *page;
 	int			replayed;
+	bool		ours = false;
 
-	if (parse_redo(body, len, &req, why, sizeof(why)) != NULL)
+	if (parse_redo(body, len, &req, why, sizeof(why), &ours) != NULL)
 	{
-		refuse(c, request_id, REPLY_INVALID_REQUEST, "walredod: %s", why);
+		refuse(c, request_id, ours ? REPLY_INTERNAL : REPLY_INVALID_REQUEST,
+			   "walredod: %s", why);
 		return;
 	}
 
@@ -629,6 +678,11 @@ serve_redo(LocalConnection *c, uint64 request_id, uint32 timeout_ms,
 	board[B_BUSY_DEADLINE_NS] = started +
 		(uint64) (timeout_ms ? timeout_ms : local_default_timeout_ms) * 1000000;
 	page = queue_reply(c, request_id, REPLY_OK, BLCKSZ);
+	if (page == NULL)
+	{
+		board[B_BUSY_DEADLINE_NS] = 0;
+		return;
+	}
 	replayed = run_redo_request(&req, page);
 	board[B_BUSY_DEADLINE_NS] = 0;
 	record_latency(monotonic_ns() - started);

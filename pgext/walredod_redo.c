@@ -1187,6 +1187,7 @@ refusal_of_request(RedoRequest *req, void (*prepare) (RedoRequest *req, int arg)
 		refusal = CopyErrorData();
 		FlushErrorState();
 		MemoryContextReset(redo_context);
+		trim_arena(&checked_arena, &checked_arena_size);
 	}
 	PG_END_TRY();
 	return refusal;

@@ -122,7 +122,7 @@ class Backend:
         while (left := deadline - time.monotonic()) > 0:
             events = dict(poller.poll(left * 1000))
             if self.zap.socket in events:
-                self.zap.handle()
+                self.zap.answer(self.zap.socket.recv_multipart())
             if self.router in events:
                 got.append(self.router.recv_multipart()[-1])
         return got

@@ -70,10 +70,11 @@ class Gatekeeper:
 
     # --- the supervisor's side ---------------------------------------------------------------------------------
 
-    def expect_worker(self, slot: int, pid: int) -> bytes:
-        """A new worker process for ``slot``: its secret, to hand it through a pipe. The slot's earlier worker is
-        forgotten (a restarted slot's old process can no longer connect)."""
-        secret = secrets.token_bytes(SECRET_BYTES)
+    def expect_worker(self, slot: int, pid: int, secret: bytes | None = None) -> bytes:
+        """A new worker process for ``slot`` with ``secret`` (a fresh one when None, returned to hand it through a
+        pipe). The slot's earlier worker is forgotten (a restarted slot's old process can no longer connect)."""
+        if secret is None:
+            secret = new_worker_secret()
         self.workers[worker_username(slot)] = ExpectedWorker(pid, secret)
         return secret
 
@@ -132,7 +133,7 @@ class Gatekeeper:
 
 
 class ZapHandler:
-    """The Gatekeeper on its ZAP socket, in ``context``; the supervisor polls ``socket`` and calls ``handle``."""
+    """The Gatekeeper on its ZAP socket, in ``context``; the supervisor polls ``socket`` and calls ``answer``."""
 
     def __init__(self, context: zmq.Context, gatekeeper: Gatekeeper):
         self.gatekeeper = gatekeeper
@@ -140,19 +141,19 @@ class ZapHandler:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(ZAP_ENDPOINT)
 
-    def handle(self, limit: int = 100) -> None:
-        for _ in range(limit):
-            try:
-                request = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.socket.send_multipart(self.gatekeeper.decide(request))
+    def answer(self, request: list[bytes]) -> None:
+        """Answer one ZAP request (its frames, as received on ``socket``)."""
+        self.socket.send_multipart(self.gatekeeper.decide(request))
 
     def close(self) -> None:
         self.socket.close(linger=0)
 
 
 # --- the worker's side --------------------------------------------------------------------------------------------
+
+def new_worker_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
 
 def hand_secret(secret: bytes) -> int:
     """A pipe holding ``secret``: pass its read end to the worker (``pass_fds``), then close it here."""

@@ -181,7 +181,7 @@ class Supervisor:
         return 0
 
     def _on_zap_request(self, frames: list) -> None:
-        self.zap.socket.send_multipart(self.gatekeeper.decide([f.bytes for f in frames]))
+        self.zap.answer([f.bytes for f in frames])
 
     def _on_worker_message(self, frames: list) -> None:
         """A READY must come from the connection the Gatekeeper admitted as that slot's worker."""
@@ -277,14 +277,15 @@ class Supervisor:
             argv += ["--local", slot.local_socket]
         # The worker's secret goes through a pipe only it inherits (argv and the environment are readable by other
         # processes of our uid); the Gatekeeper admits that secret from that pid alone.
-        secret_read, secret_write = os.pipe()
+        # It is admitted once registered below, before this loop answers its ZAP request.
+        secret = auth.new_worker_secret()
+        secret_read = auth.hand_secret(secret)
         try:
             process = subprocess.Popen([*argv, "--secret-fd", str(secret_read)], stdin=subprocess.DEVNULL,
                                        close_fds=True, pass_fds=(secret_read,))
-            os.write(secret_write, self.gatekeeper.expect_worker(slot.index, process.pid))
         finally:
             os.close(secret_read)
-            os.close(secret_write)
+        self.gatekeeper.expect_worker(slot.index, process.pid, secret)
         return process
 
     # --- time -----------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from walredod.engine.board import NUM_LATENCY_BUCKETS
+
 READY, HEARTBEAT, REQUEST, REPLY, STOP = b"READY", b"HB", b"REQ", b"REP", b"STOP"
 
 _READY = struct.Struct(">IIII")  # slot, pid, child pid, credit
@@ -101,7 +103,7 @@ def decode_request(frames: list) -> tuple[object, float, list]:
 
 _LOCAL_FIELDS = ("requests_ok", "requests_refused", "requests_internal", "connections_dropped", "records",
                  "connections_accepted", "connections_open", "latency_sum_ns", "deadline_kills")
-_LOCAL_BUCKETS = 16
+_LOCAL_BUCKETS = NUM_LATENCY_BUCKETS
 _LOCAL = struct.Struct(f">{len(_LOCAL_FIELDS) + _LOCAL_BUCKETS}Q")
 
 

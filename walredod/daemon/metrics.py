@@ -7,10 +7,12 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from walredod.engine.board import LATENCY_BOUNDS
+
 log = logging.getLogger("walredod.daemon.metrics")
 
-# From a ping-like 5 µs to a long history's second; Neon's redo histogram spans the same range.
-LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
+# The redo children's own buckets (their board), so that both paths' latencies share one histogram's bounds.
+LATENCY_BUCKETS = LATENCY_BOUNDS
 RECORD_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 BOARD_SIZE = 4096
 BOARD_MAGIC = 0x57524C4200000001  # "WRLB", version 1
 NUM_LATENCY_BUCKETS = 16  # 15 upper bounds, then +Inf
-# Upper bounds of the latency buckets, in seconds: the daemon's metrics buckets (walredod.daemon.metrics).
+# Upper bounds of the latency buckets, in seconds, as the child counts them (pgext/local_server.c): from a ping-like
+# 5 µs to a long history's second (Neon's redo histogram spans the same range); the daemon's metrics use them too.
 LATENCY_BOUNDS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
 
 # Word indexes (u64, native byte order).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,7 +88,6 @@ class RedoEngine:
         self._run_as = RunAs.for_settings(settings)
         self._data = None
         self._extension: Path | None = None
-        self._all_datadirs: list[Path] = []
         self._datadir_of: dict[int, Path] = {}  # child pid -> its datadir
         self._active: RedoChild | None = None
         self._spare: RedoChild | None = None
@@ -196,9 +194,9 @@ class RedoEngine:
                     child.board.close()
         self._active = self._spare = None
         self._bury_dead()
-        for datadir in self._all_datadirs:
-            shutil.rmtree(datadir, ignore_errors=True)
-        self._all_datadirs.clear()
+        for datadir in self._datadir_of.values():
+            self._data.remove_child_datadir(datadir)
+        self._datadir_of.clear()
 
     def __enter__(self) -> RedoEngine:
         return self
@@ -356,7 +354,7 @@ class RedoEngine:
             datadir = None
         else:
             # A fresh datadir for every child: one taken over leaves nothing for the next (datadir.py).
-            datadir = self._new_child_datadir()
+            datadir = self._data.new_child_datadir()
             argv = [str(self._data.postgres_bin), "--single", "-D", str(datadir),
                     "-c", f"session_preload_libraries={self._extension}",
                     "-c", f"shared_buffers={self.settings.shared_buffers_kb}kB",
@@ -383,7 +381,7 @@ class RedoEngine:
                               spin_wait=self.settings.spin_wait_us / 1e6)
         except Unavailable:
             if datadir is not None:
-                self._remove_datadir(datadir)
+                self._data.remove_child_datadir(datadir)
             if board is not None:
                 board.close()
             raise
@@ -398,20 +396,10 @@ class RedoEngine:
             pass  # wait_ready reports it
         return child
 
-    def _new_child_datadir(self) -> Path:
-        datadir = self._data.new_child_datadir()
-        self._all_datadirs.append(datadir)
-        return datadir
-
     def _release_datadir(self, child: RedoChild) -> None:
         datadir = self._datadir_of.pop(child.pid, None)
         if datadir is not None:
-            self._remove_datadir(datadir)
-
-    def _remove_datadir(self, datadir: Path) -> None:
-        self._data.remove_child_datadir(datadir)
-        if datadir in self._all_datadirs:
-            self._all_datadirs.remove(datadir)
+            self._data.remove_child_datadir(datadir)
 
 
 def check_request(tag: BufferTag, lsn: int, base_image: bytes | None, records: Sequence[WalRecord]) -> None:

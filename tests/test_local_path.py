@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from records import RM_XACT_ID, XLOG_XACT_COMMIT, fpi_record, make_page, make_record, with_crc
-from test_daemon import Daemon
+from test_daemon import Daemon, served, wait_until
 
 from conftest import world_traversable_tmpdir
 from walredod import protocol
@@ -216,6 +216,21 @@ def test_a_thousand_bad_requests_interleaved_restart_no_child(daemon, real_reque
             tag, lsn, base, records, expected = good[(i // 10) % len(good)]
             expect_page(connection.request(local.encode_redo(i, tag, lsn, base, records), 30), i, expected)
     assert children(daemon) == before
+
+
+def test_refused_local_requests_are_not_counted_as_served(daemon, real_requests):
+    """walredod_worker_requests_served counts requests answered ok, on the local path as on ZeroMQ."""
+    connection = local.LocalConnection(local_socket(daemon))
+    bad = [encoded for _, encoded, _ in bad_requests(real_requests)]
+    tag, lsn, base, records, expected = real_requests[0]
+    before = served(daemon)
+    for i in range(50):
+        assert connection.request(bad[i % len(bad)], 30)[1] == STATUS_INVALID
+    expect_page(connection.request(local.encode_redo(7, tag, lsn, base, records), 30), 7, expected)
+    wait_until(lambda: served(daemon) > before, message="a heartbeat with the good request")
+    time.sleep(0.5)  # more heartbeats, which would carry any refused request counted
+    assert served(daemon) - before < 50
+    connection.close()
 
 
 def test_child_killed_mid_request_ends_its_connections_and_the_spare_serves(daemon, real_requests):

@@ -272,9 +272,9 @@ class Worker:
         restarts = sum(self.engine.stats.restarts.values())
         self._reported_child = self.engine.child_pid
         served, local = self.server.requests, None
-        if self.engine.serves_local_path:  # what its children answered on the local data path counts too
+        if self.engine.serves_local_path:  # what its children answered ok on the local data path counts too
             counters = self.engine.local_counters()
-            served += counters.requests_ok + counters.requests_refused + counters.requests_internal
+            served += counters.requests_ok
             local = backend.encode_local_stats(counters)
         self._send(backend.encode_heartbeat(served, self.engine.child_pid or 0, restarts, self._busy_until, local))
 

@@ -619,3 +619,26 @@ def test_refused_requests_leave_no_memory_behind(engine):
     assert engine.child_pid == pid
     assert child_rss_kb(pid) - after_one < 16 * 1024, "the refusals' memory stayed in the child"
     assert_serves(engine)
+
+
+def test_a_spare_that_cannot_start_is_retried_with_back_off(engine_data_dir, monkeypatch):
+    """The worker asks for a missing spare every few tens of milliseconds; one that cannot start (a failed copy,
+    a full disk) is tried again after 50 ms, then 100, 200...: not at every ask, each a fork and a copy."""
+    with RedoEngine(data_dir=engine_data_dir) as engine:
+        tries = []
+
+        def cannot_start():
+            tries.append(time.monotonic())
+            raise Unavailable("copying the template cluster failed: No space left on device")
+
+        monkeypatch.setattr(engine, "_start_child", cannot_start)
+        os.kill(engine.spare_pid, signal.SIGKILL)
+        wait_until_dead(engine.spare_pid)
+        engine._child_died(engine._spare, "died idle")
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:  # the worker's idle step, every 10 ms
+            engine.watch_children()
+            engine.start_spare()
+            time.sleep(0.01)
+        assert 1 <= len(tries) <= 6, tries  # up to 60 asks; tries at least 50, 100, 200, 400 ms apart
+        engine.ping()  # the active child serves on

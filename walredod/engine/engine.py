@@ -64,6 +64,12 @@ class EngineStats:
     restarts: dict[str, int] = field(default_factory=dict)  # cause -> count
 
 
+# Seconds before another spare after one failed, doubling with each failure in a row, at most the second.
+SPARE_RETRY_FIRST = 0.05
+SPARE_RETRY_MAX = 5.0
+SPARE_EARLY_DEATH = 1.0  # a spare dead this soon after its start counts as one that failed to start
+
+
 class RedoEngine:
     """Owns one redo child (plus a warm spare) and rebuilds pages with it.
 
@@ -94,6 +100,8 @@ class RedoEngine:
         self._spare_wanted = False
         self._dead: list[RedoChild] = []  # killed children not yet reaped
         self._unlogged_deaths: list[tuple[int, str]] = []  # (pid, cause) of deaths found on a request's path
+        self._spare_failures = 0  # spares in a row that failed to start or died unused
+        self._spare_retry_at = 0.0
         self._closed = False
         # The local data path (docs/local-data-path.md): every child of ours inherits this listening socket and
         # serves clients on it directly; the engine only watches (watch_children) and counts (local_counters).
@@ -258,6 +266,8 @@ class RedoEngine:
             self._active = None
         if child is self._spare:
             self._spare = None
+            if time.monotonic() - child.started_at < SPARE_EARLY_DEATH:
+                self._spare_failed()  # died as it started: what made it die will most likely kill the next
 
     def _bury_dead(self) -> None:
         for pid, cause in self._unlogged_deaths:
@@ -320,12 +330,20 @@ class RedoEngine:
         pays neither the fork nor the new child's start-up on its CPU."""
         if self._dead:
             self._bury_dead()
-        if self._spare_wanted and not self._closed:
+        if self._spare_wanted and not self._closed and time.monotonic() >= self._spare_retry_at:
             self._spare_wanted = False
             try:
                 self._spare = self._start_child()
             except Unavailable as exc:
                 log.error("%s: could not start a spare redo child: %s", self.name, exc)
+                self._spare_failed()
+
+    def _spare_failed(self) -> None:
+        """A spare could not start, or died before it was needed: the next one waits, longer each time in a row
+        (the worker asks for one every few tens of milliseconds; each try forks and copies a datadir)."""
+        self._spare_failures += 1
+        delay = min(SPARE_RETRY_MAX, SPARE_RETRY_FIRST * 2 ** (self._spare_failures - 1))
+        self._spare_retry_at = time.monotonic() + delay
 
     def _take_over(self) -> RedoChild:
         """Promote the spare (or start a child now, if there is none); the next spare is left to start_spare."""
@@ -342,6 +360,7 @@ class RedoEngine:
                 continue
             self._active = child
             self._spare_wanted = self.settings.keep_spare
+            self._spare_failures = 0
             return child
         raise Unavailable(f"the redo child could not start: {error}")
 

@@ -759,8 +759,8 @@ may_serve(const LocalConnection *c)
 
 /*
  * Serve local clients until stdin has something for us (or ends): stdin is
- * looked at between turns, so a request from the worker waits for at most
- * one turn of local requests.
+ * looked at after each round over the connections, so a request from the
+ * worker waits for at most one round of local requests.
  */
 void
 local_server_serve_until_stdin(void)

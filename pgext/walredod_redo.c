@@ -132,6 +132,8 @@ static MemoryContext redo_context;
 static int	reply_fd = -1;
 static char *inbuf;
 static size_t inbuf_size;
+#define INBUF_INITIAL	(256 * 1024)
+#define INBUF_KEEP		(8 * 1024 * 1024)	/* larger is given back after use */
 static size_t inbuf_start;		/* first unconsumed byte */
 static size_t inbuf_end;		/* one past the last byte read */
 
@@ -1499,6 +1501,21 @@ serve_whole_pipe_request(void)
 		write_all(pipe_reply, sizeof(pipe_reply));
 	}
 	inbuf_start += pos;
+
+	/* A large request's input buffer is given back once nothing is left. */
+	if (inbuf_start == inbuf_end && inbuf_size > INBUF_KEEP)
+	{
+		char	   *small = MemoryContextAllocExtended(TopMemoryContext, INBUF_INITIAL,
+													   MCXT_ALLOC_NO_OOM);
+
+		if (small != NULL)
+		{
+			pfree(inbuf);
+			inbuf = small;
+			inbuf_size = INBUF_INITIAL;
+			inbuf_start = inbuf_end = 0;
+		}
+	}
 }
 
 /*
@@ -1726,7 +1743,7 @@ allocate_serving_state(void)
 										 ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(TopMemoryContext);
 
-	inbuf_size = 256 * 1024;
+	inbuf_size = INBUF_INITIAL;
 	inbuf = MemoryContextAllocHuge(TopMemoryContext, inbuf_size);
 	inbuf_start = inbuf_end = 0;
 

@@ -223,7 +223,12 @@ def test_refused_local_requests_are_not_counted_as_served(daemon, real_requests)
     connection = local.LocalConnection(local_socket(daemon))
     bad = [encoded for _, encoded, _ in bad_requests(real_requests)]
     tag, lsn, base, records, expected = real_requests[0]
-    before = served(daemon)
+    before = served(daemon)  # once heartbeats (every 0.2 s here) have reported what earlier tests had served
+    for _ in range(40):
+        time.sleep(0.5)
+        if served(daemon) == before:
+            break
+        before = served(daemon)
     for i in range(50):
         assert connection.request(bad[i % len(bad)], 30)[1] == STATUS_INVALID
     expect_page(connection.request(local.encode_redo(7, tag, lsn, base, records), 30), 7, expected)
